@@ -1,0 +1,3 @@
+from metaham.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,54 @@
+"""Ideal mass-spring (1-DOF harmonic oscillator).
+
+H(q, p) = p^2 / (2 m) + k q^2 / 2  (Greydanus et al. 2019, "Hamiltonian Neural Networks", sec. 4.1).
+
+Coordinates: the oscillator lives in x; y is the surplus coordinate (always 0). Initial states are drawn
+by energy, E ~ U[0.2, 1] as in HNN, at a uniform phase angle, so every orbit is a bounded ellipse.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import register
+from .base import Param, System, uniform
+
+
+@register
+class MassSpring(System):
+    """Ideal mass-spring: H = p^2/(2m) + k q^2/2 (1-DOF, surplus y)."""
+
+    name = "mass_spring"
+    n_particles = 1
+    dof = 1
+    params = (
+        Param("m", 1.0, 0.5, 2.0, "mass"),
+        Param("k", 1.0, 0.5, 2.0, "spring constant"),
+    )
+    separable = True
+    external_field = True
+    reference = "Greydanus, Dzamba, Yosinski (2019), Hamiltonian Neural Networks, sec. 4.1"
+    energy_range = (0.2, 1.0)
+
+    def hamiltonian(self, q, p, params):
+        m, k = params["m"], params["k"]
+        return p[..., 0, 0] ** 2 / (2 * m) + k * q[..., 0, 0] ** 2 / 2
+
+    def vector_field(self, q, p, params):
+        m, k = params["m"], params["k"]
+        zero = torch.zeros_like(q[..., 0, 0])
+        dq = torch.stack([p[..., 0, 0] / m, zero], dim=-1)[..., None, :]
+        dp = torch.stack([-k * q[..., 0, 0], zero], dim=-1)[..., None, :]
+        return dq, dp
+
+    def sample_initial_state(self, params, generator):
+        m, k = params["m"], params["k"]
+        n, dtype = m.shape[0], m.dtype
+        energy = uniform(generator, (n,), *self.energy_range, dtype)
+        phase = uniform(generator, (n,), 0.0, 2 * math.pi, dtype)
+        q = torch.zeros(n, 1, 2, dtype=dtype)
+        p = torch.zeros(n, 1, 2, dtype=dtype)
+        q[:, 0, 0] = torch.sqrt(2 * energy / k) * torch.cos(phase)
+        p[:, 0, 0] = torch.sqrt(2 * energy * m) * torch.sin(phase)
+        return q, p
