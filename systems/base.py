@@ -144,6 +144,80 @@ class System:
         }
 
 
-def uniform(generator: torch.Generator, shape: tuple[int, ...], low: float, high: float, dtype: torch.dtype) -> Tensor:
-    """Uniform samples in [low, high) drawn in float64 (reproducible across dtypes), cast to ``dtype``."""
+# -- helpers shared by the systems' samplers and vector fields -------------------------------------------------
+def uniform(
+    generator: torch.Generator, shape: tuple[int, ...], low: float | Tensor, high: float | Tensor, dtype: torch.dtype
+) -> Tensor:
+    """Uniform samples in [low, high) drawn in float64 (reproducible across dtypes), cast to ``dtype``.
+    ``low`` and ``high`` may be tensors that broadcast against ``shape``."""
     return (low + (high - low) * torch.rand(shape, generator=generator, dtype=torch.float64)).to(dtype)
+
+
+def sampling_frame(params: Params) -> tuple[dict[str, Tensor], Tensor]:
+    """The parameters as CPU float64 tensors, plus a tensor whose dtype and device the samples go back to.
+
+    Samplers draw on the CPU in float64 (``torch.Generator`` is a CPU object), so a seed gives the same initial
+    states for float32 and float64, on any device; they return ``q.to(like), p.to(like)``.
+    """
+    like = next(iter(params.values())) if params else torch.zeros(())
+    return {k: torch.as_tensor(v).detach().to("cpu", torch.float64) for k, v in params.items()}, like
+
+
+def surplus_pad(x: Tensor) -> Tensor:
+    """A 1-DOF quantity ``x`` of shape ``batch`` as one particle's 2-D vector ``(x, 0)``: ``(*batch, 1, 2)``.
+
+    The second coordinate is the surplus coordinate of the module docstring.
+    """
+    return torch.stack([x, torch.zeros_like(x)], dim=-1)[..., None, :]
+
+
+def random_direction(generator: torch.Generator, n: int) -> Tensor:
+    """``n`` unit vectors in the plane with uniformly distributed angle, float64, shape ``(n, 2)``."""
+    angle = uniform(generator, (n,), 0.0, 2 * math.pi, torch.float64)
+    return torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1)
+
+
+def sample_in_well(
+    potential,
+    energy: Tensor,
+    low: Tensor,
+    high: Tensor,
+    generator: torch.Generator,
+    max_rounds: int = 1000,
+) -> Tensor:
+    """Positions uniform over the part of a box where ``potential(q) < energy``, by rejection (float64).
+
+    Args:
+        potential: ``V(q)`` for ``q`` of shape ``(B, n, dim)``, returning ``(B,)`` (row i uses row i's parameters).
+        energy: ``(B,)`` energy of each row.
+        low, high: corners of the box to draw from, broadcastable to ``(B, n, dim)``; the box must contain the
+            allowed region the caller wants (e.g. the bounded well, not an escape channel).
+
+    Returns:
+        ``q`` of shape ``(B, n, dim)`` with ``potential(q) < energy`` in every row. Rounds redraw every row and
+        keep the rows that are still missing, so the cost is batched, not a loop over rows.
+    """
+    low, high = torch.broadcast_tensors(low, high)
+    q = torch.empty_like(low)
+    missing = torch.ones(low.shape[0], dtype=torch.bool)
+    for _ in range(max_rounds):
+        candidate = uniform(generator, tuple(low.shape), low, high, torch.float64)
+        accept = missing & (potential(candidate) < energy)
+        q[accept] = candidate[accept]
+        missing &= ~accept
+        if not bool(missing.any()):
+            return q
+    raise RuntimeError(f"sample_in_well: {int(missing.sum())} rows found no point below their energy; check the box")
+
+
+def edge_incidence(edges: list[tuple[int, int]], n: int, like: Tensor) -> Tensor:
+    """Signed incidence matrix ``C`` of shape ``(n, E)``: ``C[i, e] = +1``, ``C[j, e] = -1`` for edge ``e = (i, j)``.
+
+    A pair force ``f_e`` (acting on ``i``, and ``-f_e`` on ``j``) becomes per-particle forces ``C @ f``; one
+    einsum, batched and friendly to ``torch.func`` (no in-place scatter).
+    """
+    c = torch.zeros(n, len(edges), dtype=like.dtype, device=like.device)
+    for e, (i, j) in enumerate(edges):
+        c[i, e] = 1.0
+        c[j, e] = -1.0
+    return c

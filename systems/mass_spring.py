@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import register
-from .base import Param, System, uniform
+from .base import Param, System, sampling_frame, surplus_pad, uniform
 
 
 @register
@@ -37,18 +37,15 @@ class MassSpring(System):
 
     def vector_field(self, q, p, params):
         m, k = params["m"], params["k"]
-        zero = torch.zeros_like(q[..., 0, 0])
-        dq = torch.stack([p[..., 0, 0] / m, zero], dim=-1)[..., None, :]
-        dp = torch.stack([-k * q[..., 0, 0], zero], dim=-1)[..., None, :]
-        return dq, dp
+        return surplus_pad(p[..., 0, 0] / m), surplus_pad(-k * q[..., 0, 0])
 
     def sample_initial_state(self, params, generator):
+        """E ~ U[0.2, 1], phase ~ U[0, 2 pi): q = sqrt(2E/k) cos(phase), p = sqrt(2Em) sin(phase)."""
+        params, like = sampling_frame(params)
         m, k = params["m"], params["k"]
-        n, dtype = m.shape[0], m.dtype
-        energy = uniform(generator, (n,), *self.energy_range, dtype)
-        phase = uniform(generator, (n,), 0.0, 2 * math.pi, dtype)
-        q = torch.zeros(n, 1, 2, dtype=dtype)
-        p = torch.zeros(n, 1, 2, dtype=dtype)
-        q[:, 0, 0] = torch.sqrt(2 * energy / k) * torch.cos(phase)
-        p[:, 0, 0] = torch.sqrt(2 * energy * m) * torch.sin(phase)
-        return q, p
+        n = m.shape[0]
+        energy = uniform(generator, (n,), *self.energy_range, torch.float64)
+        phase = uniform(generator, (n,), 0.0, 2 * math.pi, torch.float64)
+        q = surplus_pad(torch.sqrt(2 * energy / k) * torch.cos(phase))
+        p = surplus_pad(torch.sqrt(2 * energy * m) * torch.sin(phase))
+        return q.to(like), p.to(like)

@@ -1,0 +1,82 @@
+"""``metaham adapt``: few-shot adaptation of the meta-trained, pre-trained and random models to a system."""
+from __future__ import annotations
+
+import argparse
+
+from ._common import (
+    UsageError, add_device_flag, add_json_flag, add_plugin_flag, emit, get_system, load_plugins, positive,
+    resolve_device, table,
+)
+
+HELP = "adapt the meta-trained, pre-trained and random models to fresh tasks of a system and compare them"
+EXAMPLES = """
+  metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 50 --steps 50
+  metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 10 --steps 20 --tasks 30 --plot adapt.png
+  metaham adapt --checkpoint runs/leave_pendulum --plugin my_system.py --system my_system --shots 50 --steps 50 --json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="a `metaham meta-train` run directory")
+    parser.add_argument("--system", required=True, help="system to adapt to (see `metaham systems`; --plugin adds yours)")
+    parser.add_argument("--shots", required=True, type=positive(int), metavar="K", help="support points per task")
+    parser.add_argument("--steps", required=True, type=positive(int), metavar="S", help="SGD steps of adaptation")
+    parser.add_argument("--tasks", type=positive(int), default=20, metavar="N",
+                        help="tasks, each a fresh parameter draw of the system (default: 20)")
+    parser.add_argument("--seed", type=positive(int, allow_zero=True), default=0,
+                        help="seeds the fresh tasks and the random model (default: 0)")
+    parser.add_argument("--lr", type=positive(float), default=None,
+                        help="adaptation SGD learning rate (default: the run's maml.inner_lr)")
+    parser.add_argument("--plot", metavar="FILE.png", default=None, help="save adaptation curves and a rollout here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_plugin_flag(parser)
+    add_device_flag(parser)
+    add_json_flag(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metaham.meta.evaluate import evaluate_adaptation, load_run
+    from metaham.train import ConfigError
+
+    load_plugins(args.plugin)
+    get_system(args.system)
+    device = resolve_device(args.device)
+    if args.plot is not None and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
+    if not Path(args.checkpoint).is_dir():
+        raise UsageError(f"--checkpoint {args.checkpoint}: no such run directory")
+    try:
+        run_ = load_run(args.checkpoint)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--checkpoint {args.checkpoint}: {exc}") from None
+    try:
+        report = evaluate_adaptation(
+            run_, args.system, shots=args.shots, steps=args.steps, n_tasks=args.tasks, seed=args.seed, lr=args.lr,
+            device=device, progress=False if args.no_progress else None,
+        )
+    except ConfigError as exc:  # e.g. more shots than a task's trajectories hold
+        raise UsageError(str(exc)) from None
+    result = report.to_dict()
+    if args.plot is not None:
+        from metaham.viz import plot_adaptation
+
+        plot_adaptation(report, args.plot)
+        result["plot"] = args.plot
+
+    steps = [str(s) for s in report.eval_steps]
+    rows = [
+        [name, *(m["vf_mse"][s] for s in steps), m["rollout_rel_err"], m["energy_rel_err"]]
+        for name, m in result["models"].items()
+    ]
+    header = ["model", *(f"mse@{s}" for s in steps), "rollout err", "energy err"]
+    where = "held out from training" if result["held_out"] else f"NOT held out (trained on {', '.join(result['train_systems'])})"
+    summary = (
+        f"{args.system} ({where}), K={args.shots}, {args.steps} steps, {result['tasks']} tasks, "
+        f"backbone {result['backbone']}\n"
+        + table(rows, header)
+        + f"\nprotocol: {result['protocol']}"
+        + (f"\nplot: {args.plot}" if args.plot else "")
+    )
+    return emit(args, summary, result)

@@ -1,0 +1,199 @@
+"""``metaham qh9``: QH9 Hamiltonian-matrix data -- generate it with pyscf, inspect it, score baselines."""
+from __future__ import annotations
+
+import argparse
+
+from ._common import UsageError, add_device_flag, add_json_flag, emit, positive, resolve_device, table
+
+HELP = "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines"
+EXAMPLES = """
+  metaham qh9 generate --out small.db --molecules H2O CH4 --conformers 4 --workers 2
+  metaham qh9 generate --out g2.db --molecules g2 --conformers 10 --displacement 0.05
+  metaham qh9 info QH9Stable.db --json
+  metaham qh9 info processed/QH9Stable.lmdb --trust-pickle
+  metaham qh9 baseline --data g2.db --split test --split-by dynamic-geo --json
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="qh9_command", metavar="SUBCOMMAND")
+    sub.required = True
+
+    p = sub.add_parser(
+        "generate",
+        help="restricted Kohn-Sham Fock matrices with QH9's pyscf settings, into a QH9-stable SQLite file",
+        description="Run pyscf (grid level 3, SCF tolerance 1e-13, DIIS 8) on molecules and displaced "
+        "conformers; one committed row per geometry, so an interrupted run resumes where it stopped.",
+    )
+    p.add_argument("--out", required=True, metavar="FILE.db", help="SQLite file to create or resume")
+    p.add_argument(
+        "--molecules",
+        nargs="+",
+        default=["g2"],
+        metavar="g2|NAME|PATH.xyz",
+        help="'g2' (ase's 73 closed-shell H/C/N/O/F G2 molecules), G2 names (H2O CH4 ...) or XYZ files "
+        "(default: g2)",
+    )
+    p.add_argument(
+        "--conformers", type=positive(int), default=1, help="geometries per molecule, the given one first (default 1)"
+    )
+    p.add_argument(
+        "--displacement", type=positive(float, allow_zero=True), default=0.05,
+        help="std. dev. of the Gaussian displacement of each coordinate, Angstrom (default 0.05)",
+    )
+    p.add_argument("--xc", default="b3lyp5", help="functional (default b3lyp5 = QH9's B3LYP on pyscf >= 2.3)")
+    p.add_argument("--basis", default="def2-svp", help="basis set (only def2-svp is supported)")
+    p.add_argument("--workers", type=positive(int), default=1, help="parallel processes (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the displacements (default 0)")
+    add_json_flag(p)
+    p.set_defaults(_qh9=_generate)
+
+    p = sub.add_parser("info", help="format, rows, elements, atoms and orbitals per molecule of a QH9 file")
+    p.add_argument("file", metavar="FILE", help="QH9 SQLite file or QHBench LMDB")
+    _add_trust_flag(p)
+    add_json_flag(p)
+    p.set_defaults(_qh9=_info)
+
+    p = sub.add_parser(
+        "baseline",
+        help="QH9 metrics of trivial predictors: MINAO initial-guess Fock, per-molecule mean training matrix",
+    )
+    p.add_argument("--data", required=True, metavar="FILE", help="QH9 SQLite file or QHBench LMDB")
+    _add_split_flags(p)
+    p.add_argument("--baselines", default="minao,mean", help="comma-separated: minao, mean (default both)")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="molecules per batch (default 16)")
+    add_device_flag(p)
+    _add_trust_flag(p)
+    add_json_flag(p)
+    p.set_defaults(_qh9=_baseline)
+
+
+def _add_trust_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--trust-pickle", action="store_true",
+        help="allow QHBench LMDB files: their records are pickles, and unpickling runs code from the file",
+    )
+
+
+def _add_split_flags(p: argparse.ArgumentParser) -> None:
+    from metaham.qh9.splits import QH9_SEED, SCHEMES
+
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"], help="part to score (default test)"
+    )
+    p.add_argument(
+        "--split-by", default="auto", choices=["auto", *SCHEMES],
+        help="QH9's split scheme (default auto: dynamic-geo when molecules have several geometries, else stable-id)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=QH9_SEED, help=f"seed of the stable-id and dynamic-mol splits (default {QH9_SEED})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from metaham.qh9.basis import UnsupportedError
+    from metaham.qh9.formats import QH9FormatError
+
+    try:
+        return args._qh9(args)
+    except (QH9FormatError, UnsupportedError, FileNotFoundError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def _open(path: str, trust_pickle: bool):
+    from metaham.qh9.formats import open_qh9
+
+    return open_qh9(path, trust_pickle=trust_pickle)
+
+
+def _molecules(items: list[str]):
+    from pathlib import Path
+
+    from metaham.qh9.generate import g2_molecules, read_xyz
+
+    molecules, names = [], []
+    for item in items:
+        if item == "g2":
+            molecules += g2_molecules()
+        elif item.lower().endswith(".xyz") or Path(item).is_file():
+            molecules += read_xyz(item)
+        else:
+            names.append(item)
+    if names:
+        molecules += g2_molecules(names)
+    return molecules
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from metaham.qh9.generate import DFTSettings, generate
+
+    try:
+        molecules = _molecules(args.molecules)
+        settings = DFTSettings(xc=args.xc, basis=args.basis)
+        stats = generate(
+            args.out, molecules, conformers=args.conformers, displacement=args.displacement,
+            settings=settings, workers=args.workers, seed=args.seed,
+        )
+    except ValueError as exc:  # bad molecule, basis, xc, or an --out file that cannot be resumed
+        raise UsageError(str(exc)) from exc
+    summary = (
+        f"{stats['out']}: {stats['computed']} geometries computed, {stats['existing']} already present, "
+        f"{stats['failed']} failed (SCF not converged; recorded in table 'failed') "
+        f"of {stats['total']} asked for, in {stats['seconds']:.1f} s"
+    )
+    return emit(args, summary, stats)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from metaham.qh9.formats import describe
+
+    with _open(args.file, args.trust_pickle) as f:
+        info = describe(f)
+
+    def span(s: dict) -> str:
+        return "-" if s["min"] is None else f"{s['min']}-{s['max']} (mean {s['mean']:.1f})"
+
+    lines = [
+        f"{info['path']}: {info['format']}, {info['n']} rows, {info['molecules']} molecules",
+        f"elements {' '.join(info['elements']) or '-'}; atoms {span(info['atoms'])}; orbitals {span(info['orbitals'])}",
+        f"H_init (MINAO-guess Fock) stored: {'yes' if info['has_H_init'] else 'no'}",
+    ]
+    meta = info["metadata"]
+    if meta:
+        lines.append(
+            f"generated by {meta.get('generator')}: {meta.get('xc')}/{meta.get('basis')}, grid level "
+            f"{meta.get('grid_level')}, conv_tol {meta.get('conv_tol')}, "
+            f"displacement {meta.get('displacement_angstrom')} A, "
+            f"seed {meta.get('seed')}, pyscf {meta.get('pyscf_version')}; {info['failed']} failed geometries"
+        )
+    return emit(args, "\n".join(lines), info)
+
+
+def _baseline(args: argparse.Namespace) -> int:
+    from metaham.qh9.baselines import score_baselines
+
+    names = [n.strip() for n in args.baselines.split(",") if n.strip()]
+    device = resolve_device(args.device)
+    with _open(args.data, args.trust_pickle) as f:
+        try:
+            result = score_baselines(
+                f, part=args.split, scheme=None if args.split_by == "auto" else args.split_by, seed=args.seed,
+                names=names, device=device, batch_size=args.batch_size,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+    rows = []
+    for name, s in result["baselines"].items():
+        if not s["n"]:
+            rows.append([name, 0] + ["-"] * 8)
+            continue
+        rows.append([
+            name, s["n"], s["h_mae_ueh"], s["h_diag_mae_ueh"], s["h_offdiag_mae_ueh"], s["eps_mae_ueh"],
+            s["psi_cos_pct"], s["homo_mae_ueh"], s["lumo_mae_ueh"], s["gap_mae_ueh"],
+        ])
+    header = ["baseline", "n", "H uEh", "H diag", "H off", "eps uEh", "psi %", "HOMO", "LUMO", "gap"]
+    summary = (
+        f"{args.data}: {result['part']} part of the {result['split_by']} split ({result['n']} rows); "
+        "errors in micro-Hartree, orbital cosine in %\n" + table(rows, header)
+    )
+    return emit(args, summary, {"data": args.data, **result})

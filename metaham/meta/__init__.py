@@ -1,0 +1,11 @@
+"""Meta-learning of Hamiltonians on ``torch.func``: MAML and variants, the pre-training baseline, adaptation.
+
+>>> from metaham.meta import MAML, MetaTask, Pretrain, VectorFieldLoss, adapt, to_meta_tasks
+"""
+from .adapt import Adaptation, adapt
+from .batching import MetaTask, to_meta_tasks
+from .losses import VectorFieldLoss, log_cosh, mse
+from .maml import MAML
+from .pretrain import Pretrain
+
+__all__ = ["MAML", "Adaptation", "MetaTask", "Pretrain", "VectorFieldLoss", "adapt", "log_cosh", "mse", "to_meta_tasks"]

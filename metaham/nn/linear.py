@@ -1,0 +1,68 @@
+"""Equivariant linear layer: channels of the same irrep mixed by one weight matrix per irrep type."""
+from __future__ import annotations
+
+import math
+
+import torch
+from e3nn import o3
+from torch import nn
+
+
+class EquivariantLinear(nn.Module):
+    """``(N, irreps_in.dim) -> (N, irreps_out.dim)``: for every irrep type ``ir``, all input channels of type
+    ``ir`` (from any number of blocks) are mixed into all output channels of type ``ir`` by one weight matrix,
+    shared by the ``2l + 1`` components; ``0e`` outputs get a bias.
+
+    The same map as e3nn's fully connected ``o3.Linear`` (weights ~ N(0, 1), output divided by the square root
+    of the fan-in, biases initialised to 0), computed with one matrix product per irrep type instead of one
+    per block pair: on small inputs such as per-node features its cost is the number of operations, not the
+    arithmetic. Output irreps that no input irrep matches are zero (plus their bias, for ``0e``).
+    """
+
+    def __init__(self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, bias: bool = True) -> None:
+        super().__init__()
+        self.irreps_in = o3.Irreps(irreps_in)
+        self.irreps_out = o3.Irreps(irreps_out)
+        self._in_sizes = [mul * ir.dim for mul, ir in self.irreps_in]
+        self._out_sizes = [mul * ir.dim for mul, ir in self.irreps_out]
+        self._types = []  # (ir, input block indices, output block indices, fan-in)
+        for ir in sorted({ir for _, ir in self.irreps_out}):
+            ins = [i for i, (_, ir_in) in enumerate(self.irreps_in) if ir_in == ir]
+            outs = [i for i, (_, ir_out) in enumerate(self.irreps_out) if ir_out == ir]
+            fan_in = sum(self.irreps_in[i].mul for i in ins)
+            if fan_in:
+                fan_out = sum(self.irreps_out[i].mul for i in outs)
+                self.register_parameter(f"weight_{ir}", nn.Parameter(torch.randn(fan_in, fan_out)))
+            self._types.append((ir, ins, outs, fan_in))
+        self._bias_blocks = [i for i, (_, ir) in enumerate(self.irreps_out) if ir == o3.Irrep("0e")] if bias else []
+        if self._bias_blocks:
+            self.bias = nn.Parameter(torch.zeros(sum(self.irreps_out[i].mul for i in self._bias_blocks)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``."""
+        if x.shape[-1] != self.irreps_in.dim:
+            raise ValueError(f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}")
+        n = x.shape[0]
+        blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x.split(self._in_sizes, -1), self.irreps_in)]
+        out: list[torch.Tensor | None] = [None] * len(self.irreps_out)
+        for ir, ins, outs, fan_in in self._types:
+            if not fan_in:
+                continue
+            joined = blocks[ins[0]] if len(ins) == 1 else torch.cat([blocks[i] for i in ins], dim=1)  # (n, U, d)
+            weight = getattr(self, f"weight_{ir}") / math.sqrt(fan_in)
+            # (n, U, d) -> (n, d, U) @ (U, W) -> (n, W, d): one matrix product over all nodes and components.
+            mixed = (joined.transpose(1, 2) @ weight).transpose(1, 2)
+            for i, part in zip(outs, mixed.split([self.irreps_out[i].mul for i in outs], dim=1)):
+                out[i] = part.reshape(n, -1)
+        if self._bias_blocks:
+            offset = 0
+            for i in self._bias_blocks:
+                mul = self.irreps_out[i].mul
+                b = self.bias[offset : offset + mul]
+                out[i] = b.expand(n, mul) if out[i] is None else out[i] + b
+                offset += mul
+        pieces = [x.new_zeros(n, size) if o is None else o for o, size in zip(out, self._out_sizes)]
+        return torch.cat(pieces, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in} -> {self.irreps_out}"

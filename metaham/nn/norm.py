@@ -1,0 +1,62 @@
+"""Equivariant layer norm on e3nn's layout: each irrep block normalised over its channels, per node."""
+from __future__ import annotations
+
+import torch
+from e3nn import o3
+from torch import nn
+
+
+class EquivariantLayerNorm(nn.Module):
+    """Layer norm that commutes with rotations and reflections.
+
+    e3nn stores a block ``mul x ir`` as ``mul`` contiguous copies of ``2l + 1`` components, so each block is
+    viewed as ``(N, mul, 2l + 1)`` (channel-major; viewing it as ``(N, 2l + 1, mul)`` mixes components of
+    different channels and breaks equivariance once the scales differ per channel). Per node and block:
+
+    * l = 0: centred over the channels, divided by the RMS over the channels (ordinary layer norm), then a
+      per-channel scale and -- for ``0e`` only, a constant would break a ``0o``'s parity -- a bias;
+    * l > 0: divided by the RMS of all its components over the channels (``sqrt(mean_u |x_u|^2 / (2l+1))``,
+      so unit-variance components stay unit), then a per-channel scale. Norms only: no centring, no bias.
+
+    Args:
+        irreps: irreps of the features (input and output).
+        eps: added to the mean square before the square root.
+        affine: learn the per-channel scales (init 1) and ``0e`` biases (init 0).
+
+    Shapes: ``(N, irreps.dim) -> (N, irreps.dim)``.
+    """
+
+    def __init__(self, irreps: o3.Irreps | str, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__()
+        self.irreps = o3.Irreps(irreps)
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        n_scalars_0e = sum(mul for mul, ir in self.irreps if ir == o3.Irrep("0e"))
+        if self.affine:
+            self.scale = nn.Parameter(torch.ones(self.irreps.num_irreps))
+            self.bias = nn.Parameter(torch.zeros(n_scalars_0e))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, irreps.dim)`` -> ``(N, irreps.dim)``."""
+        if x.shape[-1] != self.irreps.dim:
+            raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
+        n = x.shape[0]
+        pieces = []
+        channel = bias_at = 0
+        # split(), not slices: one cat in the backward instead of a full-size zero tensor per block.
+        for block, (mul, ir) in zip(x.split([mul * ir.dim for mul, ir in self.irreps], -1), self.irreps):
+            block = block.reshape(n, mul, ir.dim)
+            if ir.l == 0:
+                block = block - block.mean(dim=1, keepdim=True)
+            block = block * torch.rsqrt(block.pow(2).mean(dim=(1, 2), keepdim=True) + self.eps)
+            if self.affine:
+                block = block * self.scale[channel : channel + mul].reshape(1, mul, 1)
+                if ir == o3.Irrep("0e"):
+                    block = block + self.bias[bias_at : bias_at + mul].reshape(1, mul, 1)
+                    bias_at += mul
+            channel += mul
+            pieces.append(block.reshape(n, mul * ir.dim))
+        return torch.cat(pieces, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps}, eps={self.eps}, affine={self.affine}"

@@ -1,0 +1,128 @@
+"""Sparse pair gate: keep the most important pairs (edges) of each graph, drop the rest before any message.
+
+Each pair ``(i, j)`` is scored from rotation invariants of its two endpoint features (see
+:class:`PairInvariants`) by a learnable linear map. In each graph (or, optionally, over the whole batch) the
+pairs whose score is at or above the sparsity-quantile are kept: the quantile of a graph with ``E_g`` pairs
+is its ``k_g``-th largest score, ``k_g = max(1, round((1 - sparsity) * E_g))``, so a graph keeps ``k_g``
+pairs (more only on exact ties; scores are symmetric, so the two directions (i, j) and (j, i) of a pair are
+kept or dropped together). The kept pairs' invariants are multiplied by ``sigmoid(score - quantile)``
+(>= 0.5, differentiable), which is how the scorer learns; dropped pairs return nothing, so the caller
+computes no message for them.
+
+Data-dependent output sizes: the gate works eagerly and under ``functional_call`` / ``grad``, not under
+``vmap``.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .sparse_tp import check_sparsity, n_kept
+
+
+class PairInvariants(nn.Module):
+    """Rotation- and reflection-invariant, symmetric features of each pair of nodes.
+
+    For every block ``mul x ir`` of ``irreps``: for ``0e`` the mean of the two endpoints' scalars; for every
+    other irrep the per-channel inner product ``<x_i[u], x_j[u]> / (2l + 1)`` (invariant, even parity).
+    Computed as ``[x_i * x_j, x_i + x_j] @ M`` with a constant 0/1-pattern matrix ``M``: two passes over the
+    pairs whatever the number of blocks.
+
+    ``forward(x (N, irreps.dim), edge_index (2, E)) -> (E, n_invariants)``, ``n_invariants`` = the total
+    multiplicity of ``irreps`` (one number per channel).
+    """
+
+    def __init__(self, irreps: o3.Irreps | str) -> None:
+        super().__init__()
+        self.irreps = o3.Irreps(irreps)
+        self.n_invariants = sum(mul for mul, _ in self.irreps)
+        reduce = torch.zeros(2 * self.irreps.dim, self.n_invariants)  # rows: products, then sums
+        row = column = 0
+        for mul, ir in self.irreps:
+            for _ in range(mul):
+                if ir == o3.Irrep("0e"):
+                    reduce[self.irreps.dim + row, column] = 0.5
+                else:
+                    reduce[row : row + ir.dim, column] = 1.0 / ir.dim
+                row += ir.dim
+                column += 1
+        self.register_buffer("reduce", reduce, persistent=False)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """``(N, irreps.dim)`` node features, ``(2, E)`` pairs -> ``(E, n_invariants)``."""
+        if x.shape[-1] != self.irreps.dim:
+            raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
+        src, dst = x.index_select(0, edge_index[0]), x.index_select(0, edge_index[1])
+        return torch.cat([src * dst, src + dst], dim=-1) @ self.reduce.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps} -> {self.n_invariants}x0e"
+
+
+class PairSelection(NamedTuple):
+    """What :class:`SparsePairGate` returns."""
+
+    index: torch.Tensor  #: ``(K,)`` indices of the kept pairs into the input ``edge_index``, ascending
+    invariants: torch.Tensor  #: ``(K, n_invariants)`` kept pairs' invariants times sigmoid(score - quantile)
+    score: torch.Tensor  #: ``(E,)`` scores of all pairs
+    threshold: torch.Tensor  #: ``(E,)`` the quantile each pair was compared with
+
+
+class SparsePairGate(nn.Module):
+    """Scores pairs from endpoint invariants and keeps those at or above the per-graph sparsity-quantile.
+
+    Args:
+        irreps_node: irreps of the node features.
+        sparsity: fraction of pairs dropped in each graph, in [0, 1).
+        per_graph: True (default): a quantile per graph, so every graph of a batch keeps its share of its own
+            pairs; False: one quantile over all pairs of the batch.
+
+    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None) -> PairSelection``; ``batch``
+    maps nodes to graphs (PyG convention; None: one graph). A pair belongs to its source node's graph.
+    """
+
+    def __init__(self, irreps_node: o3.Irreps | str, sparsity: float, per_graph: bool = True) -> None:
+        super().__init__()
+        self.irreps_node = o3.Irreps(irreps_node)
+        self.sparsity = check_sparsity(sparsity, "pair sparsity")
+        self.per_graph = bool(per_graph)
+        self.invariants = PairInvariants(self.irreps_node)
+        self.n_invariants = self.invariants.n_invariants
+        self.scorer = nn.Linear(self.n_invariants, 1)
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor | None = None) -> PairSelection:
+        invariants = self.invariants(x, edge_index)
+        score = self.scorer(invariants).squeeze(-1)
+        if batch is None or not self.per_graph:
+            graph = torch.zeros_like(edge_index[0])
+        else:
+            graph = batch.index_select(0, edge_index[0])
+        threshold = _segment_quantile(score, graph, self.sparsity)
+        index = torch.nonzero(score >= threshold).flatten()
+        factor = torch.sigmoid(score.index_select(0, index) - threshold.index_select(0, index))
+        return PairSelection(index, invariants.index_select(0, index) * factor.unsqueeze(-1), score, threshold)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_node}, sparsity={self.sparsity}, per_graph={self.per_graph}"
+
+
+def _segment_quantile(score: torch.Tensor, segment: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Per-element threshold: the ``k``-th largest score of its segment, ``k = max(1, round((1-s) E_seg))``.
+
+    Vectorised over segments: one stable sort by score, one stable sort by segment, offsets from counts.
+    """
+    if score.numel() == 0:
+        return score
+    order = torch.argsort(score.detach(), descending=True, stable=True)
+    order = order[torch.argsort(segment[order], stable=True)]  # grouped by segment, descending within
+    counts = torch.bincount(segment)
+    starts = torch.cumsum(counts, 0) - counts
+    # The same rounding rule as the tensor-product gate (Python's round), on the few per-segment counts.
+    keep = torch.tensor([n_kept(sparsity, c) for c in counts.tolist()], dtype=torch.long, device=score.device)
+    # Empty segments (graphs with no pair) get a harmless index; nothing reads them.
+    pick = torch.clamp(starts + keep - 1, min=0)
+    per_segment = score.index_select(0, order.index_select(0, pick))
+    return per_segment.index_select(0, segment)

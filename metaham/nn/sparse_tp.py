@@ -1,0 +1,418 @@
+"""Sparse tensor-product gate: an e3nn-style tensor product whose paths carry learnable importance weights.
+
+Each path (instruction) ``(i_in1, i_in2, i_out)`` of the tensor product has a scalar importance weight
+``path_weight[p]`` (initialised to 1). A forward pass evaluates only a *selected* set of paths and scales each
+selected path by its weight renormalised over that set, ``w_p / mean_{q in set} |w_q|``. The set depends on
+the phase (driven by :class:`~metaham.nn.scheduler.SparsityScheduler`):
+
+* ``random``: in training mode every forward draws ``n_keep = max(1, round((1 - sparsity) * n_paths))`` paths
+  uniformly at random (torch's global RNG, so ``torch.manual_seed`` makes runs reproducible). In eval mode it
+  uses the deterministic top-``n_keep`` set below, so evaluation is deterministic and sees the same number
+  of paths (hence the same output scale) as training.
+* ``adaptive``: the ``n_keep`` paths with the largest weights, i.e. those at or above the sparsity-quantile
+  of the weights (the discrete quantile that keeps exactly ``n_keep``; ties go to the lower path index).
+  The set is re-selected from the detached weights whenever :meth:`SparseTensorProduct.set_phase` runs --
+  the scheduler calls it after every optimizer step -- and *not* inside ``forward``. Forward passes, eager or
+  under ``functional_call`` / ``grad`` / ``vmap``, therefore all use the same set, and the renormalised scales
+  are still computed from whatever (possibly per-task, batched) weights ``forward`` is given. In MAML's inner
+  loop the meta-parameters choose the set and the adapted weights rescale within it.
+* ``fixed``: the top-``n_keep`` set at the moment the phase was entered, frozen.
+
+In every phase only the selected paths are computed (Clebsch-Gordan contractions grouped by input pair), so
+dropped paths cost nothing -- zeroing weights would save no time. The selected set, the phase and the weights
+live in the ``state_dict`` (``kept_mask``, ``phase_index``, ``path_weight``): a checkpoint saved in any phase
+reloads straight into that phase, in the fixed phase directly in the compact form.
+
+``sparsity = 0`` is the plain dense tensor product: no path weights exist and the output equals e3nn's
+``o3.TensorProduct`` with the same instructions (``irrep_normalization="component"``,
+``path_normalization="element"``) to rounding.
+
+Output irreps never change with the phase. Path normalisation constants are those of the dense tensor
+product; an output irrep that no selected path reaches is zero (documented behaviour, not an error).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from e3nn import o3
+from torch import nn
+
+PHASES = ("random", "adaptive", "fixed")
+MODES = ("uvu", "uvw", "uuu")
+
+
+class _Path(NamedTuple):
+    i_in1: int
+    i_in2: int
+    i_out: int
+    alpha: float  # e3nn normalisation constant of the dense product ("component" irreps, "element" paths)
+    w_start: int  # slice of this path in the full (dense) weight layout
+    w_stop: int
+    w_shape: tuple[int, ...]
+    col_start: int  # columns of this path in the Clebsch-Gordan buffer of its i_in1
+    col_stop: int
+    j_start: int  # rows of its i_in2 irrep in that buffer (irreps_in2 components, multiplicities ignored)
+    j_stop: int
+
+
+class _Group(NamedTuple):
+    """Selected paths that share an input pair ``(i_in1, i_in2)`` and so one contraction."""
+
+    i_in1: int
+    i_in2: int
+    members: tuple[tuple[int, int], ...]  # (position in the selection, path index)
+    cols: slice  # where, in the packed index tensor, this group's Clebsch-Gordan columns are listed
+    scale_pos: slice  # where each column's position in the selection (for its gate scale) is listed
+
+
+def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
+    """``sparsity`` as a float in [0, 1), or a ValueError naming ``what`` and the value."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+        raise ValueError(f"{what} must be a number in [0, 1), got {sparsity!r}")
+    value = float(sparsity)
+    if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{what} must be in [0, 1), got {sparsity!r}")
+    return value
+
+
+def n_kept(sparsity: float, n: int) -> int:
+    """How many of ``n`` items a gate at ``sparsity`` keeps: ``max(1, round((1 - sparsity) * n))``."""
+    return max(1, round((1.0 - sparsity) * n)) if n > 0 else 0
+
+
+class SparseTensorProduct(nn.Module):
+    r"""Tensor product ``x1 (x) x2 -> out`` over e3nn irreps with a three-phase sparse path gate.
+
+    Args:
+        irreps_in1: irreps of ``x1`` (e.g. node features).
+        irreps_in2: irreps of ``x2`` (e.g. spherical harmonics of edge vectors).
+        irreps_out: irreps of the output; the same in every phase.
+        mode: connection mode of every path: ``"uvu"`` (out mul = mul1, weights (mul1, mul2)), ``"uvw"``
+            (weights (mul1, mul2, mul_out)) or ``"uuu"`` (mul1 = mul2 = mul_out, weights (mul1,)).
+        sparsity: fraction of paths dropped, in [0, 1). 0 gives the dense tensor product.
+        internal_weights: if True the product owns one shared weight vector ``self.weight``
+            ``(weight_numel,)``; otherwise ``forward`` takes per-row weights ``(N, weight_numel)``.
+        instructions: paths as ``(i_in1, i_in2, i_out)`` index triples; default: every triple allowed by the
+            selection rules and by ``mode``'s multiplicity constraint.
+
+    Shapes: ``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` ->
+    ``(N, irreps_out.dim)``. External weights always use the FULL (dense) layout, path after path in
+    instruction order exactly as e3nn's ``TensorProduct``: a network producing them keeps its shape in every
+    phase, and the product reads only the selected paths' slices.
+    """
+
+    def __init__(
+        self,
+        irreps_in1: o3.Irreps | str,
+        irreps_in2: o3.Irreps | str,
+        irreps_out: o3.Irreps | str,
+        mode: str = "uvu",
+        sparsity: float = 0.0,
+        internal_weights: bool = False,
+        instructions: Sequence[tuple[int, int, int]] | None = None,
+    ) -> None:
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.irreps_in1 = o3.Irreps(irreps_in1)
+        self.irreps_in2 = o3.Irreps(irreps_in2)
+        self.irreps_out = o3.Irreps(irreps_out)
+        for name, irreps in (("irreps_in1", self.irreps_in1), ("irreps_in2", self.irreps_in2), ("irreps_out", self.irreps_out)):
+            if any(mul == 0 for mul, _ in irreps):
+                raise ValueError(f"{name} = {irreps} contains a zero multiplicity; simplify it first")
+        self.mode = mode
+        self.sparsity = check_sparsity(sparsity)
+        self.internal_weights = bool(internal_weights)
+
+        triples = self._instructions(instructions)
+        self._paths = self._build_paths(triples)
+        self.instructions = tuple(triples)
+        self.n_paths = len(self._paths)
+        self._sizes1 = [mul * ir.dim for mul, ir in self.irreps_in1]
+        self._sizes2 = [mul * ir.dim for mul, ir in self.irreps_in2]
+        self.n_keep = n_kept(self.sparsity, self.n_paths) if self.sparsity > 0 else self.n_paths
+        self.weight_numel = self._paths[-1].w_stop
+
+        self._register_clebsch_gordan()
+        if self.internal_weights:
+            self.weight = nn.Parameter(torch.randn(self.weight_numel))
+        if self.sparsity > 0:
+            self.path_weight = nn.Parameter(torch.ones(self.n_paths))
+        self.register_buffer("phase_index", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("kept_mask", torch.ones(self.n_paths, dtype=torch.bool))
+        self._phase = PHASES[0]
+        self._store_kept(self._top_k() if self.sparsity > 0 else tuple(range(self.n_paths)))
+
+    # ----------------------------------------------------------------------------------------------------
+    # construction
+
+    def _instructions(self, instructions) -> list[tuple[int, int, int]]:
+        ir1, ir2, iro = self.irreps_in1, self.irreps_in2, self.irreps_out
+        if instructions is None:
+            triples = [
+                (i1, i2, io)
+                for i1 in range(len(ir1))
+                for i2 in range(len(ir2))
+                for io in range(len(iro))
+                if iro[io].ir in ir1[i1].ir * ir2[i2].ir and self._muls_allowed(i1, i2, io)
+            ]
+        else:
+            triples = []
+            for ins in instructions:
+                if len(ins) != 3:
+                    raise ValueError(f"instruction {ins!r}: expected an (i_in1, i_in2, i_out) triple")
+                i1, i2, io = (int(i) for i in ins)
+                if not (0 <= i1 < len(ir1) and 0 <= i2 < len(ir2) and 0 <= io < len(iro)):
+                    raise ValueError(f"instruction {ins!r}: index out of range for {ir1} x {ir2} -> {iro}")
+                if iro[io].ir not in ir1[i1].ir * ir2[i2].ir:
+                    raise ValueError(f"instruction {ins!r}: {ir1[i1].ir} x {ir2[i2].ir} cannot produce {iro[io].ir}")
+                if not self._muls_allowed(i1, i2, io):
+                    raise ValueError(
+                        f"instruction {ins!r}: multiplicities {ir1[i1].mul}, {ir2[i2].mul} -> {iro[io].mul} "
+                        f"do not fit mode {self.mode!r}"
+                    )
+                triples.append((i1, i2, io))
+        if not triples:
+            raise ValueError(
+                f"no tensor-product path: {ir1} x {ir2} -> {iro} (mode {self.mode!r}) admits no instruction; "
+                f"check the parities, the l ranges and (for uvu/uuu) the multiplicities"
+            )
+        unreached = [f"{iro[io]} (index {io})" for io in range(len(iro)) if all(t[2] != io for t in triples)]
+        if unreached:
+            raise ValueError(
+                f"output irreps {', '.join(unreached)} of {iro} receive no path from {ir1} x {ir2} "
+                f"(mode {self.mode!r}); remove them from irreps_out"
+            )
+        return triples
+
+    def _muls_allowed(self, i1: int, i2: int, io: int) -> bool:
+        m1, m2, mo = self.irreps_in1[i1].mul, self.irreps_in2[i2].mul, self.irreps_out[io].mul
+        if self.mode == "uvu":
+            return mo == m1
+        if self.mode == "uuu":
+            return m1 == m2 == mo
+        return True
+
+    def _build_paths(self, triples: list[tuple[int, int, int]]) -> tuple[_Path, ...]:
+        ir1, ir2, iro = self.irreps_in1, self.irreps_in2, self.irreps_out
+
+        def shape(i1: int, i2: int, io: int) -> tuple[int, ...]:
+            m1, m2, mo = ir1[i1].mul, ir2[i2].mul, iro[io].mul
+            return {"uvu": (m1, m2), "uvw": (m1, m2, mo), "uuu": (m1,)}[self.mode]
+
+        def fan_in(i1: int, i2: int) -> int:  # e3nn's num_elements for "element" path normalisation
+            return {"uvu": ir2[i2].mul, "uvw": ir1[i1].mul * ir2[i2].mul, "uuu": 1}[self.mode]
+
+        j_offsets = [sum(ir.dim for _, ir in ir2[:i]) for i in range(len(ir2) + 1)]
+        columns = {i1: 0 for i1, _, _ in triples}
+        paths, start = [], 0
+        for i1, i2, io in triples:
+            alpha = math.sqrt(iro[io].ir.dim / sum(fan_in(a, b) for a, b, c in triples if c == io))
+            w_shape = shape(i1, i2, io)
+            stop = start + math.prod(w_shape)
+            c0 = columns[i1]
+            columns[i1] = c0 + iro[io].ir.dim
+            paths.append(_Path(i1, i2, io, alpha, start, stop, w_shape, c0, columns[i1], j_offsets[i2], j_offsets[i2 + 1]))
+            start = stop
+        return tuple(paths)
+
+    def _register_clebsch_gordan(self) -> None:
+        """One buffer per x1 irrep: ``(d1, sum of x2 irrep dims, columns of its paths)``, each path's
+        normalised Wigner 3j symbol in its (x2 irrep rows, own columns) block, zeros elsewhere."""
+        d2_total = sum(ir.dim for _, ir in self.irreps_in2)
+        for i1, (_, ir1) in enumerate(self.irreps_in1):
+            mine = [path for path in self._paths if path.i_in1 == i1]
+            if not mine:
+                continue
+            cg = torch.zeros(ir1.dim, d2_total, mine[-1].col_stop)
+            for path in mine:
+                l2, l3 = self.irreps_in2[path.i_in2].ir.l, self.irreps_out[path.i_out].ir.l
+                cg[:, path.j_start : path.j_stop, path.col_start : path.col_stop] = path.alpha * o3.wigner_3j(ir1.l, l2, l3)
+            self.register_buffer(f"_cg_{i1}", cg, persistent=False)
+
+    # ----------------------------------------------------------------------------------------------------
+    # phases and the kept set
+
+    @property
+    def phase(self) -> str:
+        """Current phase: ``"random"``, ``"adaptive"`` or ``"fixed"``."""
+        return self._phase
+
+    @property
+    def kept_paths(self) -> tuple[int, ...]:
+        """Indices (into :attr:`instructions`) of the paths used in eval mode and in the adaptive/fixed phases."""
+        return self._kept
+
+    def set_phase(self, phase: str) -> None:
+        """Enter ``phase``; re-select the top-``n_keep`` paths from the current weights unless already fixed.
+
+        Called by :class:`~metaham.nn.scheduler.SparsityScheduler` after every optimizer step. Entering
+        ``"fixed"`` freezes the set selected at that moment; while fixed the set never changes.
+        """
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        if self.sparsity > 0 and not (phase == "fixed" and self._phase == "fixed"):
+            self._store_kept(self._top_k())
+        self.phase_index.fill_(PHASES.index(phase))
+        self._phase = phase
+
+    def _top_k(self) -> tuple[int, ...]:
+        weights = self.path_weight.detach().cpu().tolist()
+        order = sorted(range(self.n_paths), key=lambda p: (-weights[p], p))
+        return tuple(sorted(order[: self.n_keep]))
+
+    def _store_kept(self, paths: tuple[int, ...]) -> None:
+        mask = torch.zeros(self.n_paths, dtype=torch.bool)
+        mask[list(paths)] = True
+        self.kept_mask.copy_(mask)
+        self._set_kept(paths)
+
+    def _set_kept(self, paths: tuple[int, ...]) -> None:
+        # The evaluation plan of the kept set is compiled here, outside any torch.func transform, into a
+        # buffer: tensors created inside a transform must not be cached, and a buffer follows .to(device).
+        self._kept = paths
+        self._kept_groups, index = self._compile(paths, self.kept_mask.device)
+        self.register_buffer("_kept_index", index, persistent=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # The Python mirrors of the phase and kept set follow the loaded buffers, so a fixed-phase checkpoint
+        # is evaluated in its compact form right away.
+        index = int(self.phase_index)
+        kept = tuple(int(i) for i in torch.nonzero(self.kept_mask).flatten().tolist())
+        if not (0 <= index < len(PHASES)):
+            error_msgs.append(f"{prefix}phase_index: {index} is not a phase index (0 random, 1 adaptive, 2 fixed)")
+            return
+        if not kept:
+            error_msgs.append(f"{prefix}kept_mask: keeps no path")
+            return
+        self._phase = PHASES[index]
+        self._set_kept(kept)
+
+    # ----------------------------------------------------------------------------------------------------
+    # forward
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` (external
+        weights only) -> ``(N, irreps_out.dim)``."""
+        if x1.dim() != 2 or x1.shape[1] != self.irreps_in1.dim:
+            raise ValueError(f"x1 must have shape (N, {self.irreps_in1.dim}) for {self.irreps_in1}, got {tuple(x1.shape)}")
+        if x2.dim() != 2 or x2.shape != (x1.shape[0], self.irreps_in2.dim):
+            raise ValueError(f"x2 must have shape ({x1.shape[0]}, {self.irreps_in2.dim}) for {self.irreps_in2}, got {tuple(x2.shape)}")
+        if self.internal_weights:
+            if weight is not None:
+                raise ValueError("this tensor product has internal weights; do not pass weight")
+            weight = self.weight
+        elif weight is None or weight.shape != (x1.shape[0], self.weight_numel):
+            got = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout), got {got}")
+        paths = self._select_paths()
+        if paths is self._kept:
+            groups, index = self._kept_groups, self._kept_index
+        else:  # a random-phase draw: compiled for this call only
+            groups, index = self._compile(paths, x1.device)
+        return self._contract(x1, x2, weight, groups, index, self._path_scales(index[: len(paths)]))
+
+    def _select_paths(self) -> tuple[int, ...]:
+        if self.sparsity > 0 and self.training and self._phase == "random":
+            return tuple(sorted(torch.randperm(self.n_paths)[: self.n_keep].tolist()))
+        return self._kept  # all paths when sparsity == 0
+
+    def _path_scales(self, paths: torch.Tensor) -> torch.Tensor | None:
+        """Selected paths' weights renormalised over the selection: ``w_p / mean_q |w_q|`` (1 when all equal)."""
+        if self.sparsity == 0:
+            return None
+        w = self.path_weight.index_select(0, paths)
+        return w / w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)
+
+    def _compile(self, paths: tuple[int, ...], device: torch.device) -> tuple[list[_Group], torch.Tensor]:
+        """Groups of the selected ``paths`` and one packed LongTensor of index arrays: the path indices
+        first, then each group's column and scale-position lists."""
+        grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for j, p in enumerate(paths):
+            path = self._paths[p]
+            grouped.setdefault((path.i_in1, path.i_in2), []).append((j, p))
+        flat: list[int] = list(paths)
+        groups = []
+        for (i1, i2), members in grouped.items():
+            spans = [(j, self._paths[p]) for j, p in members]
+            cols = [c for _, path in spans for c in range(path.col_start, path.col_stop)]
+            scale_pos = [j for j, path in spans for _ in range(path.col_start, path.col_stop)]
+            start = len(flat)
+            flat += cols + scale_pos
+            middle = start + len(cols)
+            groups.append(_Group(i1, i2, tuple(members), slice(start, middle), slice(middle, len(flat))))
+        return groups, torch.tensor(flat, dtype=torch.long, device=device)
+
+    def _contract(self, x1, x2, weight, groups, index, scales) -> torch.Tensor:
+        n = x1.shape[0]
+        shared = weight.dim() == 1
+        # split(), not one slice per block: the backward of a slice allocates a zero tensor of the full input
+        # per slice, which costs more than the contraction itself on CPU; split's backward is one cat.
+        x1_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x1.split(self._sizes1, -1), self.irreps_in1)]
+        x2_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x2.split(self._sizes2, -1), self.irreps_in2)]
+        path_weights = weight.split([p.w_stop - p.w_start for p in self._paths], -1)
+
+        outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
+        for group in groups:
+            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], self._group_cg(group, index, scales))
+            parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
+            for part, (_, p) in zip(parts, group.members):
+                path = self._paths[p]
+                w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
+                outputs[path.i_out].append(self._apply_weight(part, w, shared))
+
+        pieces = []
+        for io, (mul, ir) in enumerate(self.irreps_out):
+            if outputs[io]:
+                total = outputs[io][0]
+                for extra in outputs[io][1:]:
+                    total = total + extra
+                pieces.append(total.reshape(n, mul * ir.dim))
+            else:  # no selected path reaches this output
+                pieces.append(x1.new_zeros(n, mul * ir.dim))
+        return torch.cat(pieces, dim=-1)
+
+    def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
+        """The group's normalised Clebsch-Gordan tensor ``(d1, d2, K)``, each path's columns times its gate
+        scale; only the selected paths' columns are read."""
+        cg = getattr(self, f"_cg_{group.i_in1}")
+        path = self._paths[group.members[0][1]]
+        cg = cg[:, path.j_start : path.j_stop]
+        if group.cols.stop - group.cols.start != cg.shape[-1]:
+            cg = cg.index_select(2, index[group.cols])
+        return cg if scales is None else cg * scales.index_select(0, index[group.scale_pos])
+
+    def _pair_contraction(self, a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+        n, u, d1 = a.shape
+        v, d2 = b.shape[1], b.shape[2]
+        k = cg.shape[-1]
+        if self.mode == "uuu":
+            outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).reshape(n, u, d1 * d2)
+            return outer @ cg.reshape(d1 * d2, k)  # (n, U, K)
+        if v == 1:
+            # Contract x2 with the CG tensor first (no U factor), then one batched matmul with x1.
+            t = (b.reshape(n, d2) @ cg.transpose(0, 1).reshape(d2, d1 * k)).reshape(n, d1, k)
+            return torch.bmm(a, t).reshape(n, u, 1, k)
+        t = torch.einsum("zvj,ijk->zvik", b, cg)
+        return torch.einsum("zui,zvik->zuvk", a, t)  # (n, U, V, K)
+
+    def _apply_weight(self, part: torch.Tensor, w: torch.Tensor, shared: bool) -> torch.Tensor:
+        z = "" if shared else "z"
+        if self.mode == "uuu":  # part (n, U, d), w ([n,] U)
+            return part * w.unsqueeze(-1)
+        if self.mode == "uvu":  # part (n, U, V, d), w ([n,] U, V)
+            if part.shape[2] == 1:
+                n, u, _, d = part.shape
+                return part.reshape(n, u, d) * w.reshape(*w.shape[:-1], 1)
+            return torch.einsum(f"{z}uv,zuvk->zuk", w, part)
+        return torch.einsum(f"{z}uvw,zuvk->zwk", w, part)  # uvw
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out}, mode={self.mode}, "
+            f"sparsity={self.sparsity}, paths={len(self._kept)}/{self.n_paths} ({self._phase}), "
+            f"weight_numel={self.weight_numel}, internal_weights={self.internal_weights}"
+        )

@@ -1,0 +1,35 @@
+"""QH9: DFT Kohn-Sham matrices of small molecules (B3LYP/def2-SVP) -- data, orbital layout, metrics.
+
+* :mod:`~metaham.qh9.formats` -- :func:`open_qh9` streams QH9's SQLite files and QHBench's LMDB as
+  :class:`Record` s (Z, positions in Angstrom, H in pyscf order).
+* :mod:`~metaham.qh9.splits` -- QH9's official splits (:func:`split`).
+* :mod:`~metaham.qh9.dataset` -- :class:`QH9Dataset` and :func:`collate` for DataLoaders.
+* :mod:`~metaham.qh9.generate` -- ``generate.generate`` new data with pyscf and QH9's settings.
+* :mod:`~metaham.qh9.orbitals` -- the def2-SVP layout in e3nn terms: :func:`assemble` padded e3nn-order
+  blocks into full pyscf-order matrices, :func:`wigner_D` of a molecule's AO space.
+* :mod:`~metaham.qh9.evaluate` -- QH9's metrics, batched: :func:`evaluate_predictions`, :func:`evaluate_model`.
+
+Names are imported on first use, so that the generator's pyscf worker processes never load torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "open_qh9": "formats",
+    "Record": "formats",
+    "split": "splits",
+    "QH9Dataset": "dataset",
+    "collate": "dataset",
+    "assemble": "orbitals",
+    "wigner_D": "orbitals",
+    "evaluate_predictions": "evaluate",
+    "evaluate_model": "evaluate",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,167 @@
+"""Score predicted Kohn-Sham matrices with QH9's metrics: streamed, grouped by size, eigenproblems batched.
+
+The flow every evaluator shares (``metaham qh9 baseline`` now, ``metaham qh9 eval`` once a model exists):
+a predictor is any callable ``predict(batch: MoleculeBatch) -> list[Tensor]`` returning one
+``(norb_b, norb_b)`` matrix per molecule in pyscf order; :func:`evaluate_model` runs it over a dataset and
+feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with one batched
+call of :func:`~metaham.qh9.metrics.molecule_errors`.
+
+>>> from metaham.qh9.evaluate import evaluate_predictions
+>>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
+>>> summary["h_mae_ueh"], summary["psi_cos_pct"]                     # doctest: +SKIP
+(0.0, 100.0)
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .basis import ao_atom_index, n_occupied
+from .dataset import MoleculeBatch, QH9Dataset, collate
+from .formats import Record
+from .metrics import SUMMARY_NAMES, molecule_errors, summarize
+from .overlap import overlap
+
+Predictor = Callable[[MoleculeBatch], Sequence[Tensor]]
+
+
+class Evaluator:
+    """Accumulates QH9 errors molecule by molecule; :meth:`summary` gives the means in QH9's units.
+
+    Args:
+        device: where the eigenproblems run (default CPU); inputs on any device are moved there.
+        group_size: molecules of equal AO count scored per batched call (bounds memory).
+    """
+
+    def __init__(self, device: torch.device | str | None = None, group_size: int = 64):
+        self.device = torch.device(device or "cpu")
+        self.group_size = group_size
+        self._pending: dict[int, list[tuple]] = {}
+        self._ids: list[int] = []
+        self._errors: dict[str, list[np.ndarray]] = {k: [] for k in SUMMARY_NAMES}
+
+    def add(
+        self, row_id: int, Z: np.ndarray, pos: np.ndarray, H_true: np.ndarray | Tensor, H_pred: np.ndarray | Tensor
+    ) -> None:
+        """Queue one molecule: ``Z`` ``(n_atoms,)``, ``pos`` ``(n_atoms, 3)`` Angstrom, matrices ``(norb, norb)``."""
+        Z = np.asarray(Z, dtype=np.int64)
+        norb = int(np.shape(H_true)[0])
+        if tuple(np.shape(H_pred)) != (norb, norb):
+            raise ValueError(f"row {row_id}: prediction has shape {tuple(np.shape(H_pred))}, target ({norb}, {norb})")
+        group = self._pending.setdefault(norb, [])
+        group.append((int(row_id), Z, np.asarray(pos, dtype=np.float64), H_true, H_pred))
+        if len(group) >= self.group_size:
+            self._score(self._pending.pop(norb))
+
+    def add_records(self, records: Iterable[Record], predictions: Iterable[np.ndarray | Tensor]) -> None:
+        """Queue records with their predictions (same order)."""
+        for record, H_pred in zip(records, predictions, strict=True):
+            self.add(record.id, record.Z, record.pos, record.H, H_pred)
+
+    def _matrices(self, items: list[tuple], column: int) -> Tensor:
+        return torch.stack([torch.as_tensor(item[column]).to(self.device, torch.float64) for item in items])
+
+    def _score(self, items: list[tuple]) -> None:
+        S = torch.from_numpy(np.stack([overlap(Z, pos) for _, Z, pos, _, _ in items])).to(self.device)
+        atom_of = torch.from_numpy(np.stack([ao_atom_index(Z) for _, Z, _, _, _ in items])).to(self.device)
+        nocc = torch.tensor([n_occupied(Z) for _, Z, _, _, _ in items], device=self.device)
+        try:
+            errors = molecule_errors(self._matrices(items, 4), self._matrices(items, 3), S, atom_of, nocc)
+        except ValueError as exc:
+            raise ValueError(f"rows {[item[0] for item in items]}: {exc}") from None
+        self._ids.extend(item[0] for item in items)
+        for key, value in errors.items():
+            self._errors[key].append(value.cpu().numpy())
+
+    def per_molecule(self) -> dict[str, np.ndarray]:
+        """``{"id": (n,), <error>: (n,)}`` in Hartree (``psi_cos`` a fraction), ordered by row id."""
+        for norb in list(self._pending):
+            self._score(self._pending.pop(norb))
+        ids = np.asarray(self._ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        out = {"id": ids[order]}
+        for key, parts in self._errors.items():
+            out[key] = np.concatenate(parts)[order] if parts else np.zeros(0)
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Means over all molecules added so far: ``n``, ``h_mae_ueh``, ..., ``psi_cos_pct`` (see metrics)."""
+        return summarize(self.per_molecule())
+
+
+def evaluate_predictions(
+    records: Sequence[Record], predictions: Sequence[np.ndarray | Tensor], device: torch.device | str | None = None
+) -> dict[str, float]:
+    """QH9 metrics of ``predictions`` (one ``(norb, norb)`` pyscf-order matrix per record) against the records."""
+    evaluator = Evaluator(device)
+    evaluator.add_records(records, predictions)
+    return evaluator.summary()
+
+
+def evaluate_model(
+    predict: Predictor,
+    dataset: QH9Dataset,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+    keep_predictions: bool = False,
+    progress: bool = True,
+    num_workers: int = 0,
+) -> tuple[dict[str, float], dict[int, np.ndarray]]:
+    """Run ``predict`` over ``dataset`` in batches and score every prediction.
+
+    Args:
+        predict: ``predict(batch) -> list of (norb_b, norb_b) tensors`` (pyscf order), batch on ``device``.
+        dataset: the rows to score.
+        batch_size: molecules per ``predict`` call.
+        device: where batches, predictions and eigenproblems live (default CPU).
+        keep_predictions: also return the predicted matrices (float64, CPU) by row id.
+
+    Returns:
+        ``(summary, predictions)``: the metrics (see :func:`~metaham.qh9.metrics.summarize`) and
+        ``{row_id: matrix}`` (empty unless ``keep_predictions``).
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device or "cpu")
+    evaluator = Evaluator(device)
+    kept: dict[int, np.ndarray] = {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    with torch.no_grad():
+        for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
+            batch = batch.to(device)
+            predictions = list(predict(batch))
+            if len(predictions) != len(batch):
+                raise ValueError(f"predictor returned {len(predictions)} matrices for {len(batch)} molecules")
+            for b, H_pred in enumerate(predictions):
+                lo, hi = int(batch.ptr[b]), int(batch.ptr[b + 1])
+                row_id = int(batch.ids[b])
+                evaluator.add(row_id, batch.Z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), batch.H[b], H_pred)
+                if keep_predictions:
+                    kept[row_id] = H_pred.detach().to("cpu", torch.float64).numpy()
+    return evaluator.summary(), kept
+
+
+def save_predictions(path: str | os.PathLike, predictions: dict[int, np.ndarray]) -> None:
+    """Write predictions atomically to an ``.npz``: ``ids`` (int64) and one ``H_<id>`` array per row (pyscf
+    order, float64). Read back with ``np.load(path)[f"H_{id}"]``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = np.array(sorted(predictions), dtype=np.int64)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, ids=ids, **{f"H_{i}": predictions[int(i)] for i in ids})
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

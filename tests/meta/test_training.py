@@ -1,0 +1,134 @@
+"""The meta-training loop: checkpoints, exact resume after an interruption, config validation."""
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from metaham.meta import MAML, training
+from metaham.train import ConfigError
+
+TINY = Path(__file__).with_name("tiny_meta_train.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _task_cache(tmp_path_factory, monkeypatch):
+    # One pool cache for the whole session: the tiny pools are simulated once.
+    monkeypatch.setenv("METAHAM_CACHE", str(tmp_path_factory.getbasetemp() / "metaham_cache"))
+
+
+def _config(*overrides):
+    return training.load_meta_config(TINY, list(overrides))
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for slot, state in a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][slot][key]), (slot, key)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    full = training.train(_config(), tmp_path / "full", progress=False)
+    assert full["meta"].steps == full["pretrained"].steps == 4
+
+    # Interrupt the meta-learner in its third outer step (after the step-2 checkpoint).
+    calls = {"n": 0}
+    original = MAML.meta_loss
+
+    def interrupting(self, tasks):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, tasks)
+
+    monkeypatch.setattr(MAML, "meta_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_config(), tmp_path / "cut", progress=False)
+    monkeypatch.setattr(MAML, "meta_loss", original)
+    assert torch.load(tmp_path / "cut" / "meta.pt", weights_only=True)["step"] == 2
+    assert not (tmp_path / "cut" / "pretrained.pt").exists()
+
+    resumed = training.train(_config(), tmp_path / "cut", resume=True, progress=False)
+    assert resumed["meta"].resumed_from == 2 and resumed["meta"].steps == 4
+    assert resumed["pretrained"].resumed_from == 0
+    for kind in training.LEARNERS:
+        a = torch.load(tmp_path / "full" / f"{kind}.pt", weights_only=True)
+        b = torch.load(tmp_path / "cut" / f"{kind}.pt", weights_only=True)
+        _assert_same_state(a, b)
+    # The log holds each step once, with the losses of the uninterrupted run.
+    full_log = training.read_log(tmp_path / "full", "meta")
+    cut_log = training.read_log(tmp_path / "cut", "meta")
+    assert [r["step"] for r in cut_log] == [0, 1, 2, 3, 4]
+    assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
+
+
+def test_checkpoint_is_a_plain_dict_with_everything_to_continue(tmp_path):
+    training.train(_config("train.pretrain=false", "maml.meta_sgd=true"), tmp_path, progress=False)
+    assert not (tmp_path / "pretrained.pt").exists()
+    state = torch.load(tmp_path / "meta.pt", weights_only=True)
+    assert state["format"] == training.CHECKPOINT_FORMAT and state["kind"] == "meta"
+    assert state["step"] == state["outer_steps"] == 4
+    assert set(state) >= {"model", "optimizer", "learner", "rng", "config", "split", "adapt", "model_config"}
+    assert state["split"]["test_systems"] == ["pendulum"]
+    # Meta-SGD: the learned inner rates are saved for adaptation and have moved away from their initial value.
+    assert len(state["adapt"]["lrs"]) == len(state["adapt"]["names"]) == len(state["model"])
+    assert any(not torch.all(lr == 0.1) for lr in state["adapt"]["lrs"])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["maml"]["meta_sgd"] is True and saved["train"]["pretrain"] is False
+    log = training.read_log(tmp_path, "meta")
+    assert [r["step"] for r in log if r["val_query_mse"] is not None] == [0, 2, 4]
+
+
+def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_objective(tmp_path):
+    training.train(_config("train.outer_steps=1"), tmp_path, progress=False)
+    meta = torch.load(tmp_path / "meta.pt", weights_only=True)["model"]
+    pre = torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]
+    init = training.initial_model(_config(), training.derive_seed("init", 0)).state_dict()
+    # One Adam step moves every entry by at most ~lr from the shared start, and the two objectives move it differently.
+    for name in init:
+        assert (meta[name] - init[name]).abs().max() <= 1.01 * 5e-4
+        assert (pre[name] - init[name]).abs().max() <= 1.01 * 5e-4
+    assert any(not torch.equal(meta[name], pre[name]) for name in init)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.bogus=1", "train.bogus"),
+        ("train.outer_steps=many", "train.outer_steps"),
+        ("train.outer_steps=0", "train.outer_steps"),
+        ("maml.inner_lr=-0.1", "maml.inner_lr"),
+        ("model.backbone=transformer", "model.backbone"),
+        ("tasks.k_support=0", "k_support"),
+        ("tasks.dtype=float16", "dtype"),
+        ("train.loss=l1", "train.loss"),
+        ("split=leave_nothing", "split"),
+        ("device=tpu", "device"),
+    ],
+)
+def test_config_errors_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        _config(override)
+
+
+def test_inline_split_and_missing_split(tmp_path):
+    inline = "split={kind: explicit, train_systems: [mass_spring], test_systems: [pendulum]}"
+    assert training.resolve_split(_config(inline)["split"]).train_systems == ("mass_spring",)
+    path = tmp_path / "no_split.yaml"
+    path.write_text("train: {outer_steps: 2}\n")
+    with pytest.raises(ConfigError, match="'split' is missing"):
+        training.load_meta_config(path)
+
+
+def test_run_directory_rules(tmp_path):
+    training.train(_config("train.outer_steps=1", "train.pretrain=false"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        training.train(_config("train.outer_steps=1"), tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="model.hidden"):
+        training.train(_config("model.hidden=16"), tmp_path, resume=True, progress=False)
+    with pytest.raises(ConfigError, match="config.yaml not found"):
+        training.train(_config(), tmp_path / "elsewhere", resume=True, progress=False)

@@ -1,0 +1,233 @@
+"""SparseTensorProduct: dense equality with e3nn, the three phases' path sets and scales, compactness, errors."""
+import pytest
+import torch
+from e3nn import o3
+
+from equivariance import default_dtype
+from metaham.nn import SparseTensorProduct
+from metaham.nn.sparse_tp import n_kept
+
+FEAT = "4x0e+4x1o+2x2e"
+SH = "0e+1o+2e"
+
+
+def _inputs(tp, n=6, generator_seed=1):
+    g = torch.Generator().manual_seed(generator_seed)
+    x1 = torch.randn(n, tp.irreps_in1.dim, generator=g)
+    x2 = torch.randn(n, tp.irreps_in2.dim, generator=g)
+    w = None if tp.internal_weights else torch.randn(n, tp.weight_numel, generator=g)
+    return x1, x2, w
+
+
+def _e3nn_with_path_scales(tp, x1, x2, w, scales: dict):
+    """e3nn's dense product with path p's weights multiplied by scales[p] (0 for paths not in scales)."""
+    ref = o3.TensorProduct(
+        tp.irreps_in1, tp.irreps_in2, tp.irreps_out, [(*ins, tp.mode, True) for ins in tp.instructions],
+        internal_weights=False, shared_weights=tp.internal_weights,
+    )
+    weight = (tp.weight if tp.internal_weights else w).detach().clone()
+    for p, path in enumerate(tp._paths):
+        weight[..., path.w_start : path.w_stop] *= scales.get(p, 0.0)
+    return ref(x1, x2, weight)
+
+
+def _renormalised(tp, paths):
+    w = tp.path_weight.detach()[list(paths)]
+    return {p: float(v) for p, v in zip(paths, w / w.abs().mean())}
+
+
+@pytest.mark.parametrize(
+    "irreps, mode, internal",
+    [
+        ((FEAT, SH, FEAT + "+4x1e"), "uvu", False),
+        ((FEAT, "2x0e+3x1o", FEAT), "uvu", True),
+        ((FEAT, SH, "3x0e+2x1o+5x2e+1x1e"), "uvw", True),
+        ((FEAT, "2x0e+3x1o", "3x0e+2x1o"), "uvw", False),
+        (("4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e+4x1e"), "uuu", False),
+        (("3x0e+3x1o+3x2e+3x3o", "0e+1o+2e+3o", "3x0e+3x1o+3x2e+3x3o"), "uvu", False),
+    ],
+)
+def test_sparsity_zero_is_e3nn_dense_product_in_every_phase(irreps, mode, internal):
+    with default_dtype(torch.float64):
+        tp = SparseTensorProduct(*irreps, mode=mode, internal_weights=internal)
+        x1, x2, w = _inputs(tp)
+        want = _e3nn_with_path_scales(tp, x1, x2, w, {p: 1.0 for p in range(tp.n_paths)})
+        assert not hasattr(tp, "path_weight")
+        for phase in ("random", "adaptive", "fixed"):
+            tp.set_phase(phase)
+            for training in (True, False):
+                tp.train(training)
+                got = tp(x1, x2) if internal else tp(x1, x2, w)
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.7, 0.9])
+def test_random_phase_keeps_exactly_round_fraction_at_random(sparsity):
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=sparsity)
+    tp.train()
+    draws = {tp._select_paths() for _ in range(30)}
+    assert all(len(d) == round((1 - sparsity) * tp.n_paths) for d in draws)
+    assert len(draws) > 1  # really random
+    assert n_kept(0.7, 11) == 3 and n_kept(0.95, 11) == 1 and n_kept(0.999, 11) == 1
+
+
+def test_random_phase_output_is_the_drawn_paths_renormalised():
+    with default_dtype(torch.float64):
+        tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.6)
+        with torch.no_grad():
+            tp.path_weight.copy_(torch.rand(tp.n_paths) + 0.5)
+        tp.train()
+        x1, x2, w = _inputs(tp)
+        torch.manual_seed(5)
+        paths = tp._select_paths()
+        torch.manual_seed(5)
+        got = tp(x1, x2, w)
+        torch.testing.assert_close(got, _e3nn_with_path_scales(tp, x1, x2, w, _renormalised(tp, paths)), rtol=0, atol=1e-12)
+
+
+def test_random_phase_eval_is_deterministic_top_weights():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5)
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.randperm(tp.n_paths).float())
+    tp.set_phase("random")  # re-selects from the weights, as the scheduler does after each step
+    tp.eval()
+    x1, x2, w = _inputs(tp)
+    top = tuple(sorted(torch.argsort(tp.path_weight, descending=True)[: tp.n_keep].tolist()))
+    assert tp.kept_paths == top
+    assert torch.equal(tp(x1, x2, w), tp(x1, x2, w))
+
+
+def test_adaptive_phase_keeps_the_quantile_set_and_renormalises():
+    with default_dtype(torch.float64):
+        tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7)
+        with torch.no_grad():
+            tp.path_weight.copy_(torch.randn(tp.n_paths))
+        tp.set_phase("adaptive")
+        w_path = tp.path_weight.detach()
+        threshold = torch.sort(w_path, descending=True).values[tp.n_keep - 1]  # the discrete 0.7-quantile
+        assert tp.kept_paths == tuple(torch.nonzero(w_path >= threshold).flatten().tolist())
+        assert len(tp.kept_paths) == round(0.3 * tp.n_paths)
+        x1, x2, w = _inputs(tp)
+        want = _e3nn_with_path_scales(tp, x1, x2, w, _renormalised(tp, tp.kept_paths))
+        for training in (True, False):  # adaptive is deterministic in both modes
+            tp.train(training)
+            torch.testing.assert_close(tp(x1, x2, w), want, rtol=0, atol=1e-12)
+
+
+def test_adaptive_ties_go_to_lower_index():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5)  # weights all 1
+    tp.set_phase("adaptive")
+    assert tp.kept_paths == tuple(range(tp.n_keep))
+
+
+def test_fixed_phase_freezes_the_set_and_continues_the_adaptive_function():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5)
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.rand(tp.n_paths) + 0.1)
+    tp.set_phase("adaptive")
+    x1, x2, w = _inputs(tp)
+    adaptive_out, adaptive_set = tp(x1, x2, w), tp.kept_paths
+    tp.set_phase("fixed")
+    assert tp.kept_paths == adaptive_set
+    torch.testing.assert_close(tp(x1, x2, w), adaptive_out, rtol=0, atol=0)
+    with torch.no_grad():
+        tp.path_weight.copy_(-tp.path_weight)  # would select the complement if not frozen
+    tp.set_phase("fixed")
+    assert tp.kept_paths == adaptive_set
+    assert tp.kept_mask.sum() == len(adaptive_set) and tp.phase_index == 2
+
+
+def _poison(tp, target):
+    """NaN into the Clebsch-Gordan block of path ``target`` (and nowhere else)."""
+    path = tp._paths[target]
+    cg = getattr(tp, f"_cg_{path.i_in1}").clone()
+    cg[:, path.j_start : path.j_stop, path.col_start : path.col_stop] = float("nan")
+    setattr(tp, f"_cg_{path.i_in1}", cg)
+
+
+@pytest.mark.parametrize("mode, irreps", [("uvu", (FEAT, SH, FEAT)), ("uvw", (FEAT, SH, "2x0e+3x1o+2x2e"))])
+def test_fixed_phase_evaluates_only_the_kept_paths(mode, irreps):
+    # A product that merely zeroed the dropped paths' weights would return NaN (0 * NaN); ours never reads
+    # a dropped path's data.
+    tp = SparseTensorProduct(*irreps, mode=mode, sparsity=0.5)
+    target = tp.n_paths // 2
+    with torch.no_grad():
+        tp.path_weight.fill_(1.0)
+        tp.path_weight[target] = -5.0
+    tp.set_phase("fixed")
+    assert target not in tp.kept_paths
+    _poison(tp, target)
+    x1, x2, w = _inputs(tp)
+    assert torch.isfinite(tp(x1, x2, w)).all()
+    dense = SparseTensorProduct(*irreps, mode=mode, sparsity=0.0)
+    _poison(dense, target)
+    assert torch.isnan(dense(x1, x2, w)).any()  # the poison is real
+
+
+def test_output_irreps_fixed_and_unreached_outputs_are_zero():
+    tp = SparseTensorProduct("2x0e+2x1o", "0e+1o", "2x0e+2x1o", sparsity=0.75)  # 4 paths, keeps 1
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.tensor([5.0, 1.0, 1.0, 1.0]))
+    tp.set_phase("fixed")
+    (i1, i2, io) = tp.instructions[tp.kept_paths[0]]
+    x1, x2, w = _inputs(tp)
+    out = tp(x1, x2, w)
+    assert out.shape == (x1.shape[0], tp.irreps_out.dim)
+    for index, s in enumerate(tp.irreps_out.slices()):
+        assert (out[:, s].abs().sum() > 0) == (index == io)
+
+
+@pytest.mark.parametrize("phase", ["random", "adaptive"])
+def test_gradients_reach_the_path_weights(phase):
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5)
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.rand(tp.n_paths) + 0.5)
+    tp.set_phase(phase)
+    tp.train()
+    x1, x2, w = _inputs(tp)
+    torch.manual_seed(3)
+    used = tp._select_paths()
+    torch.manual_seed(3)
+    tp(x1, x2, w).pow(2).sum().backward()
+    grad = tp.path_weight.grad
+    assert all(grad[p] != 0 for p in used)
+    assert all(grad[p] == 0 for p in range(tp.n_paths) if p not in used)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5, float("nan"), True, "0.5", None])
+def test_bad_sparsity_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="sparsity"):
+        SparseTensorProduct(FEAT, SH, FEAT, sparsity=bad)
+
+
+def test_bad_configurations_are_clear_errors():
+    with pytest.raises(ValueError, match="no tensor-product path"):
+        SparseTensorProduct("4x0e", "1o", "4x0e")
+    with pytest.raises(ValueError, match="receive no path"):
+        SparseTensorProduct("4x0e", "0e", "4x0e+4x1o")
+    with pytest.raises(ValueError, match="no tensor-product path"):
+        SparseTensorProduct("4x0e", "0e", "3x0e", mode="uvu")  # multiplicity mismatch
+    with pytest.raises(ValueError, match="mode"):
+        SparseTensorProduct(FEAT, SH, FEAT, mode="uvv")
+    with pytest.raises(ValueError, match="cannot produce"):
+        SparseTensorProduct(FEAT, SH, FEAT, instructions=[(0, 0, 1)])
+    with pytest.raises(ValueError, match="phase"):
+        SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5).set_phase("warmup")
+    tp = SparseTensorProduct(FEAT, SH, FEAT)
+    x1, x2, w = _inputs(tp)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        tp(x1, x2, w[:, :-1])
+    with pytest.raises(ValueError, match="x2 must have shape"):
+        tp(x1, x2[:, :4], w)
+
+
+def test_weight_layout_is_the_full_dense_layout_in_every_phase():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7)
+    dense = SparseTensorProduct(FEAT, SH, FEAT)
+    assert tp.weight_numel == dense.weight_numel == o3.TensorProduct(
+        FEAT, SH, FEAT, [(*i, "uvu", True) for i in dense.instructions], shared_weights=False
+    ).weight_numel
+    x1, x2, w = _inputs(tp)
+    for phase in ("random", "adaptive", "fixed"):
+        tp.set_phase(phase)
+        assert tp(x1, x2, w).shape == dense(x1, x2, w).shape

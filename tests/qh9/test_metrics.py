@@ -1,0 +1,108 @@
+"""QH9 metrics: equal to an independent scipy.linalg.eigh(H, S) computation, to QH9's test route, exact on truth."""
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from pyscf import gto
+
+from metaham.qh9.evaluate import Evaluator, evaluate_predictions
+from metaham.qh9.formats import open_qh9
+from metaham.qh9.metrics import SUMMARY_NAMES, molecule_errors, reference_errors
+
+
+def _noisy(records, scale, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        E = rng.normal(0.0, scale, r.H.shape)
+        out.append(r.H + 0.5 * (E + E.T))
+    return out
+
+
+def _scipy_errors(H_pred, record):
+    """QH9's definitions written out independently with pyscf's overlap and scipy's generalized eigh."""
+    atoms = [[int(z), tuple(p)] for z, p in zip(record.Z, record.pos)]
+    mol = gto.M(atom=atoms, basis="def2-svp", unit="Angstrom", verbose=0)
+    S = mol.intor("int1e_ovlp")
+    eps_p, C_p = scipy.linalg.eigh(H_pred, S)
+    eps_t, C_t = scipy.linalg.eigh(record.H, S)
+    nocc = int(record.Z.sum()) // 2
+    atom = np.concatenate([[a] * (stop - start) for a, (_, _, start, stop) in enumerate(mol.aoslice_by_atom())])
+    diag = atom[:, None] == atom[None, :]
+    err = np.abs(H_pred - record.H)
+    cos = [
+        abs(C_p[:, i] @ C_t[:, i]) / (np.linalg.norm(C_p[:, i]) * np.linalg.norm(C_t[:, i])) for i in range(nocc)
+    ]
+    homo_p, homo_t, lumo_p, lumo_t = eps_p[nocc - 1], eps_t[nocc - 1], eps_p[nocc], eps_t[nocc]
+    return {
+        "h_mae": err.mean(),
+        "h_diag_mae": err[diag].mean(),
+        "h_offdiag_mae": err[~diag].mean(),
+        "eps_mae": np.abs(eps_p[:nocc] - eps_t[:nocc]).mean(),
+        "psi_cos": np.mean(cos),
+        "homo_err": abs(homo_p - homo_t),
+        "lumo_err": abs(lumo_p - lumo_t),
+        "gap_err": abs((lumo_p - homo_p) - (lumo_t - homo_t)),
+    }
+
+
+def test_metrics_equal_independent_scipy_computation(generated):
+    path, _ = generated
+    with open_qh9(path) as f:
+        records = list(f)
+    predictions = _noisy(records, 2e-3)
+    evaluator = Evaluator(group_size=2)  # several batched calls, mixed sizes
+    evaluator.add_records(records, predictions)
+    ours = evaluator.per_molecule()
+    assert ours["id"].tolist() == [r.id for r in records]
+    for i, (record, H_pred) in enumerate(zip(records, predictions)):
+        expected = _scipy_errors(H_pred, record)
+        for key in SUMMARY_NAMES:
+            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), key
+        assert expected["eps_mae"] > 1e-5 and expected["psi_cos"] < 1 - 1e-8  # the noise is visible to every metric
+        official = reference_errors(H_pred, record.H, record.Z, record.pos)  # QH9's own route
+        for key in SUMMARY_NAMES:
+            assert official[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), key
+
+
+def test_true_matrix_scores_zero_and_full_similarity(generated):
+    path, _ = generated
+    with open_qh9(path) as f:
+        records = list(f)
+    summary = evaluate_predictions(records, [r.H for r in records])
+    assert summary["n"] == 4
+    for name in SUMMARY_NAMES.values():
+        expected = 100.0 if name == "psi_cos_pct" else 0.0
+        assert summary[name] == pytest.approx(expected, abs=1e-9), name
+    noisy = evaluate_predictions(records, [torch.from_numpy(h) for h in _noisy(records, 1e-3)])
+    assert 100 < noisy["h_mae_ueh"] < 2000 and noisy["psi_cos_pct"] < 100.0
+
+
+def test_prediction_shape_and_singular_overlap_are_errors(generated):
+    path, _ = generated
+    with open_qh9(path) as f:
+        record = f[0]
+    with pytest.raises(ValueError, match=r"row 1: prediction has shape \(10, 10\), target \(24, 24\)"):
+        Evaluator().add(record.id, record.Z, record.pos, record.H, np.zeros((10, 10)))
+    S = torch.eye(3, dtype=torch.float64).repeat(1, 1, 1)
+    S[0, 0, 1] = S[0, 1, 0] = 1.0  # two identical functions: not positive definite
+    with pytest.raises(ValueError, match="not positive definite"):
+        zeros = torch.zeros(1, 3, 3)
+        molecule_errors(zeros, zeros, S, torch.zeros(1, 3, dtype=torch.long), torch.tensor([1]))
+
+
+def test_evaluate_model_and_saved_predictions(generated, tmp_path):
+    from metaham.qh9.baselines import minao_predictor
+    from metaham.qh9.dataset import QH9Dataset
+    from metaham.qh9.evaluate import evaluate_model, save_predictions
+
+    path, _ = generated
+    data = QH9Dataset(path)
+    summary, kept = evaluate_model(minao_predictor(), data, batch_size=3, keep_predictions=True, progress=False)
+    records = [data[i] for i in range(len(data))]
+    assert summary == evaluate_predictions(records, [r.H_init for r in records])
+    save_predictions(tmp_path / "pred.npz", kept)
+    with np.load(tmp_path / "pred.npz") as saved:
+        assert saved["ids"].tolist() == [r.id for r in records]
+        for r in records:
+            assert saved[f"H_{r.id}"].tobytes() == r.H_init.tobytes()
