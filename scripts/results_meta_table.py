@@ -12,9 +12,11 @@ import datetime
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
-from metaham.meta.training import differing_keys, load_meta_config
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, also uninstalled
+from metaham.meta.training import differing_keys, load_meta_config  # noqa: E402
 
 SYSTEMS = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror")
 MODELS = ("meta", "pretrained", "random")
@@ -111,9 +113,11 @@ def _markdown(runs: list[dict], args) -> str:
         "",
         f"## Query vector-field MSE after n SGD steps of adaptation, rollout and energy errors after {steps} steps",
         "",
+        "Mean over tasks (`n/a`: SGD diverged on some task, see the last column).",
+        "",
         "| held-out system | backbone | model | " + " | ".join(f"MSE {k}" for k in keys)
-        + " | rollout rel. err | energy rel. err |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- |",
+        + " | rollout rel. err | energy rel. err | diverged tasks |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in keys) + " | --- | --- | --- |",
     ]
     order_rows = []
     for system in SYSTEMS:
@@ -128,16 +132,17 @@ def _markdown(runs: list[dict], args) -> str:
                 m = models[name]
                 lines.append(
                     f"| {system} | {backbone} | {name} | " + " | ".join(_fmt(m["vf_mse"][k]) for k in keys)
-                    + f" | {_fmt(m['rollout_rel_err'])} | {_fmt(m['energy_rel_err'])} |"
+                    + f" | {_fmt(m['rollout_rel_err'])} | {_fmt(m['energy_rel_err'])} | "
+                    f"{m.get('diverged_tasks', 0)} of {run['adapt']['tasks']} |"
                 )
             order_rows.append(_order_row(system, backbone, models))
     lines += [
         "",
         "## Expected order after 10 steps: meta < pre-trained < random",
         "",
-        "| held-out system | backbone | MSE@10 meta / pre-trained / random | meta < pre-trained < random | "
-        "pre-trained / meta |",
-        "| --- | --- | --- | --- | --- |",
+        "| held-out system | backbone | mean MSE@10 meta / pre-trained / random | meta < pre-trained < random "
+        "(means) | same, medians over tasks | pre-trained / meta (means) |",
+        "| --- | --- | --- | --- | --- | --- |",
         *order_rows,
         "",
         "## Cost (seconds of one process, one torch thread)",
@@ -173,13 +178,19 @@ def _markdown(runs: list[dict], args) -> str:
 
 
 def _order_row(system: str, backbone: str, models: dict) -> str:
-    at = {name: models[name]["vf_mse"].get("10") for name in MODELS if name in models}
-    if len(at) < 3 or None in at.values():
-        return f"| {system} | {backbone} | n/a | n/a | n/a |"
-    holds = at["meta"] < at["pretrained"] < at["random"]
-    ratio = at["pretrained"] / at["meta"]
-    values = " / ".join(_fmt(at[n]) for n in MODELS)
-    return f"| {system} | {backbone} | {values} | {'yes' if holds else '**no**'} | {ratio:.2f} |"
+    if not all(name in models for name in MODELS):
+        return f"| {system} | {backbone} | n/a | n/a | n/a | n/a |"
+    means = [models[name]["vf_mse"].get("10") for name in MODELS]
+    medians = [models[name]["vf_mse_median"].get("10") for name in MODELS]
+
+    def ordered(values):
+        if None in values:
+            return "**no** (diverged)"
+        return "yes" if values[0] < values[1] < values[2] else "**no**"
+
+    ratio = f"{means[1] / means[0]:.2f}" if None not in means[:2] else "n/a"
+    return (f"| {system} | {backbone} | {' / '.join(_fmt(v) for v in means)} | {ordered(means)} | "
+            f"{ordered(medians)} | {ratio} |")
 
 
 def _departures(runs: list[dict], args) -> str:

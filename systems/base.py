@@ -168,7 +168,7 @@ def surplus_pad(x: Tensor) -> Tensor:
 
     The second coordinate is the surplus coordinate of the module docstring.
     """
-    return torch.stack([x, torch.zeros_like(x)], dim=-1)[..., None, :]
+    return torch.nn.functional.pad(x[..., None], (0, 1))[..., None, :]
 
 
 def random_direction(generator: torch.Generator, n: int) -> Tensor:

@@ -63,7 +63,9 @@ class TaskDistribution:
         param_ranges = dict(param_ranges or {})
         stray = sorted(set(param_ranges) - set(names))
         if stray:
-            raise ValueError(f"parameter ranges given for {', '.join(stray)}, which is not among the systems {list(names)}")
+            raise ValueError(
+                f"parameter ranges given for {', '.join(stray)}, which is not among the systems {list(names)}"
+            )
         self.systems: tuple[str, ...] = names
         self.config = config if config is not None else TaskConfig()
         self.seed = int(seed)

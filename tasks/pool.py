@@ -75,7 +75,9 @@ def resolve_ranges(system: System, overrides: Ranges | None) -> dict[str, tuple[
         try:
             low, high = (float(b) for b in bounds)
         except (TypeError, ValueError):
-            raise ValueError(f"range of parameter {name!r} of {system.name!r} must be [low, high], got {bounds!r}") from None
+            raise ValueError(
+                f"range of parameter {name!r} of {system.name!r} must be [low, high], got {bounds!r}"
+            ) from None
         if not low <= high:
             raise ValueError(f"range of parameter {name!r} of {system.name!r}: low {low} > high {high}")
         system.check_params({name: low})

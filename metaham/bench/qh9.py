@@ -54,13 +54,22 @@ def _inputs(n_molecules: int, n_conformers: int, seed: int = 0) -> list[tuple]:
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
+    from metaham.cli._common import resolve_device
+
+    device = resolve_device(args.device)
+    summary, result = _eval_speedup(args, device)
+    # train_speedup (sparse vs dense QH9 head) joins here with the head: its summary lines and JSON keys are
+    # appended to these.
+    return summary, result
+
+
+def _eval_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
     from metaham.bench import interleaved_median_times
-    from metaham.cli._common import resolve_device, table
+    from metaham.cli._common import table
     from metaham.qh9.evaluate import Evaluator
     from metaham.qh9.metrics import SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
 
-    device = resolve_device(args.device)
     inputs = _inputs(args.molecules, args.conformers)
 
     def batched() -> dict:

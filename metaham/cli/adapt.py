@@ -71,11 +71,14 @@ def run(args: argparse.Namespace) -> int:
         for name, m in result["models"].items()
     ]
     header = ["model", *(f"mse@{s}" for s in steps), "rollout err", "energy err"]
+    diverged = {name: m["diverged_tasks"] for name, m in result["models"].items() if m["diverged_tasks"]}
     where = "held out from training" if result["held_out"] else f"NOT held out (trained on {', '.join(result['train_systems'])})"
     summary = (
         f"{args.system} ({where}), K={args.shots}, {args.steps} steps, {result['tasks']} tasks, "
         f"backbone {result['backbone']}\n"
         + table(rows, header)
+        + "".join(f"\n{name}: SGD diverged on {n} of {result['tasks']} tasks (their MSE is inf/nan, so is the mean)"
+                  for name, n in diverged.items())
         + f"\nprotocol: {result['protocol']}"
         + (f"\nplot: {args.plot}" if args.plot else "")
     )

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import UsageError, add_json_flag, add_plugin_flag, emit, load_plugins, table
+from ._common import UsageError, add_json_flag, add_plugin_flag, emit, eprint, load_plugins, table
 
 HELP = "meta-train a HamiltonianGNN with MAML (and the pre-trained baseline) on the training systems of a split"
 EXAMPLES = """
@@ -55,6 +55,9 @@ def run(args: argparse.Namespace) -> int:
         results = training.train(config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
+    except FloatingPointError as exc:  # a diverging run: say so plainly; the last checkpoint is kept
+        eprint(f"metaham meta-train: error: {exc}")
+        return 1
     split = training.resolve_split(config["split"])
 
     rows = [

@@ -5,13 +5,20 @@ import argparse
 
 from ._common import UsageError, add_device_flag, add_json_flag, emit, positive, resolve_device, table
 
-HELP = "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines"
+HELP = (
+    "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines, "
+    "train and evaluate the sparse equivariant Hamiltonian model"
+)
 EXAMPLES = """
   metaham qh9 generate --out small.db --molecules H2O CH4 --conformers 4 --workers 2
   metaham qh9 generate --out g2.db --molecules g2 --conformers 10 --displacement 0.05
   metaham qh9 info QH9Stable.db --json
   metaham qh9 info processed/QH9Stable.lmdb --trust-pickle
   metaham qh9 baseline --data g2.db --split test --split-by dynamic-geo --json
+  metaham qh9 train --config configs/qh9.yaml --data g2.db --out runs/sparse
+  metaham qh9 train --data g2.db --out runs/dense --set model.dense=true --set train.epochs=10
+  metaham qh9 train --out runs/sparse --resume
+  metaham qh9 eval --checkpoint runs/sparse --split test --save-predictions pred.npz --json
 """
 
 
@@ -44,7 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--xc", default="b3lyp5", help="functional (default b3lyp5 = QH9's B3LYP on pyscf >= 2.3)")
     p.add_argument("--basis", default="def2-svp", help="basis set (only def2-svp is supported)")
     p.add_argument("--workers", type=positive(int), default=1, help="parallel processes (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the displacements (default 0)")
+    p.add_argument(
+        "--seed", type=positive(int, allow_zero=True), default=0, help="seed of the displacements (default 0)"
+    )
     add_json_flag(p)
     p.set_defaults(_qh9=_generate)
 
@@ -66,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_trust_flag(p)
     add_json_flag(p)
     p.set_defaults(_qh9=_baseline)
+
+    _add_model_commands(sub)
 
 
 def _add_trust_flag(p: argparse.ArgumentParser) -> None:
@@ -197,3 +208,113 @@ def _baseline(args: argparse.Namespace) -> int:
         "errors in micro-Hartree, orbital cosine in %\n" + table(rows, header)
     )
     return emit(args, summary, {"data": args.data, **result})
+
+
+# -- the model: train and eval ---------------------------------------------------------------------------------
+
+
+def _add_model_commands(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the sparse equivariant Hamiltonian model (or its dense twin) on a QH9 file",
+        description="AdamW with warm-up and decay, gradient clipping, the three-phase sparsity scheduler, "
+        "validation H MAE after every epoch; writes config.yaml, best.pt, last.pt and log.csv into --out.",
+    )
+    p.add_argument("--config", metavar="FILE.yaml", help="run config (default: the values of configs/qh9.yaml)")
+    p.add_argument("--data", metavar="FILE", help="QH9 SQLite file or QHBench LMDB (required unless --resume)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
+    p.add_argument(
+        "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.dense=true (repeatable)",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
+    _add_trust_flag(p)
+    add_json_flag(p)
+    p.set_defaults(_qh9=_train)
+
+    p = sub.add_parser(
+        "eval",
+        help="QH9 metrics of a trained model (H, diagonal and off-diagonal MAE, orbital energies, orbital cosine)",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|FILE.pt", help="a run directory (its best.pt) or a checkpoint")
+    p.add_argument("--data", metavar="FILE", help="QH9 file (default: the file the model was trained on)")
+    p.add_argument(
+        "--split", default="test", choices=["train", "val", "test", "all"],
+        help="part of the training split to score (default test)",
+    )
+    p.add_argument("--save-predictions", metavar="FILE.npz", help="write the predicted matrices (pyscf order) with row ids")
+    p.add_argument("--batch-size", type=positive(int), default=16, help="molecules per batch (default 16)")
+    add_device_flag(p)
+    _add_trust_flag(p)
+    add_json_flag(p)
+    p.set_defaults(_qh9=_eval)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from metaham.qh9.train import CONFIG_FILE, load_train_config, train
+    from metaham.train import ConfigError
+
+    overrides = list(args.overrides)
+    if args.data:
+        overrides.append(f"data.file={Path(args.data).resolve()}")
+    if args.device:
+        resolve_device(args.device)  # a usage error now rather than after loading the data
+        overrides.append(f"device={args.device}")
+    base = args.config
+    if base is None and args.resume:
+        base = Path(args.out) / CONFIG_FILE
+    try:
+        config = load_train_config(base, overrides)
+        if not config["data"]["file"]:
+            raise UsageError("--data FILE is required (or --resume a run that has one)")
+        result = train(config, args.out, resume=args.resume, trust_pickle=args.trust_pickle)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+    kind = "dense twin" if config["model"]["dense"] else f"sparse model (phase {result['phase']})"
+    summary = (
+        f"{args.out}: {kind} trained for {result['epochs']} epochs, {result['steps']} steps, "
+        f"{result['seconds']:.1f} s ({result['stopped']}) on {result['n_train']} rows\n"
+        f"validation H MAE: initial {_fmt(result['initial_val_h_mae_ueh'])} uEh, best "
+        f"{_fmt(result['best_val_h_mae_ueh'])} uEh (epoch {result['best_epoch']}), last "
+        f"{_fmt(result['last_val_h_mae_ueh'])} uEh on {result['n_val']} rows\n"
+        f"checkpoints {args.out}/best.pt, {args.out}/last.pt; log {args.out}/log.csv"
+    )
+    return emit(args, summary, result)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from metaham.qh9.evaluate import save_predictions
+    from metaham.qh9.train import evaluate_checkpoint
+    from metaham.train import ConfigError
+
+    device = resolve_device(args.device)
+    try:
+        summary, predictions = evaluate_checkpoint(
+            args.checkpoint, args.data, args.split, device, args.batch_size,
+            keep_predictions=bool(args.save_predictions), trust_pickle=args.trust_pickle,
+        )
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.save_predictions:
+        save_predictions(args.save_predictions, predictions)
+    result = {"checkpoint": args.checkpoint, **summary, "predictions": args.save_predictions}
+    s = summary
+    rows = [[
+        "dense twin" if s["dense"] else f"sparse ({s['phase']})", s["n"], s["h_mae_ueh"], s["h_diag_mae_ueh"],
+        s["h_offdiag_mae_ueh"], s["eps_mae_ueh"], s["psi_cos_pct"], s["homo_mae_ueh"], s["lumo_mae_ueh"],
+        s["gap_mae_ueh"],
+    ]]
+    header = ["model", "n", "H uEh", "H diag", "H off", "eps uEh", "psi %", "HOMO", "LUMO", "gap"]
+    text = (
+        f"{s['data']}: {s['part']} part of the {s['split_by']} split; errors in micro-Hartree, orbital cosine in %\n"
+        + table(rows, header)
+        + (f"\npredictions written to {args.save_predictions}" if args.save_predictions else "")
+    )
+    return emit(args, text, result)

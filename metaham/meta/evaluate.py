@@ -128,13 +128,16 @@ class AdaptationReport:
     def to_dict(self) -> dict[str, Any]:
         models = {}
         for name, result in self.results.items():
-            at = {str(s): result.curves[:, s] for s in self.eval_steps}
+            # A diverged task (non-finite MSE) counts as infinitely bad: the mean says so, the median stays useful.
+            curves = torch.nan_to_num(result.curves, nan=float("inf"))
+            at = {str(s): curves[:, s] for s in self.eval_steps}
             models[name] = {
                 "vf_mse": {k: float(v.mean()) for k, v in at.items()},
-                "vf_mse_std": {k: float(v.std(unbiased=False)) for k, v in at.items()},
+                "vf_mse_std": {k: float(v.std(unbiased=False)) if torch.isfinite(v).all() else None for k, v in at.items()},
                 "vf_mse_median": {k: float(v.median()) for k, v in at.items()},
                 "rollout_rel_err": geometric_mean(result.rollout_errors),
                 "energy_rel_err": geometric_mean(result.energy_errors),
+                "diverged_tasks": int((~torch.isfinite(result.curves)).any(1).sum()),
                 "diverged_rollouts": result.diverged,
                 "training_steps": result.training_steps,
                 "vf_mse_curve": self.mean_curve(name),

@@ -7,7 +7,7 @@ A run is configured by one YAML file validated against :data:`SCHEMA` (unknown k
     data_seed: 0                 # seeds the simulated task pools (kept apart from train.seed: pools are cached)
     tasks: {...}                 # tasks.TaskConfig fields (K, trajectories, ground-truth integrator, dtype)
     model: {backbone: gcn, hidden: 64, layers: 2, options: {}}   # HamiltonianGNN arguments
-    maml: {inner_lr: 0.1, inner_steps: 1, first_order: false, anil: false, meta_sgd: false}
+    maml: {inner_lr: 0.3, inner_steps: 1, first_order: false, anil: false, meta_sgd: false}
     train: {outer_steps, meta_batch, lr, loss, seed, pretrain, checkpoint_every, log_every, validate_*}
     device: auto
     threads: 1
@@ -65,12 +65,12 @@ SCHEMA: dict[str, Any] = {
     "data_seed": 0,
     "tasks": TaskConfig.schema(),
     "model": {"backbone": "gcn", "hidden": 64, "layers": 2, "options": None},
-    "maml": {"inner_lr": 0.1, "inner_steps": 1, "first_order": False, "anil": False, "meta_sgd": False},
+    "maml": {"inner_lr": 0.3, "inner_steps": 1, "first_order": False, "anil": False, "meta_sgd": False},
     "train": {
         "outer_steps": 3000,
         "meta_batch": 10,
         "lr": 5e-4,
-        "loss": "mse",
+        "loss": "logcosh",
         "seed": 0,
         "pretrain": True,
         "checkpoint_every": 250,
@@ -348,7 +348,7 @@ def _train_learner(
         _check_checkpoint(state, checkpoint_path, kind)
         learner.load_state_dict(state["learner"])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())
         step, seconds = int(state["step"]), float(state["seconds"])
     start, total = step, settings["outer_steps"]
     log = _Log(run_dir, kind, start)
@@ -383,9 +383,11 @@ def _train_learner(
     clock = time.perf_counter()
     bar = tqdm(total=total, initial=start, desc=f"{kind:>10}", unit="step", disable=None if progress is None else not progress,
                dynamic_ncols=True, leave=True)
+    consistent = True  # the weights, Adam's state and `step` agree (an interrupt may land mid-update)
     try:
         for batch in batches:
             tasks = to_meta_tasks([task.to(device) for task in batch])
+            consistent = False
             optimizer.zero_grad(set_to_none=True)
             loss = learner.meta_loss(tasks)
             value = float(loss.detach())
@@ -396,6 +398,7 @@ def _train_learner(
             loss.backward()
             optimizer.step()
             step += 1
+            consistent = True
             window.append(value)
             bar.update(1)
             bar.set_postfix_str(f"loss {sum(window[-20:]) / len(window[-20:]):.4g}", refresh=False)
@@ -412,9 +415,11 @@ def _train_learner(
                 clock = time.perf_counter()
                 save()
     except KeyboardInterrupt:
-        # Keep the finished steps: --resume continues from here with the next meta-batch.
-        seconds += time.perf_counter() - clock
-        save()
+        # Keep the finished steps: --resume continues from here with the next meta-batch. Mid-update, the last
+        # periodic checkpoint stays (saving a half-applied step would break the exact resume).
+        if consistent:
+            seconds += time.perf_counter() - clock
+            save()
         raise
     finally:
         bar.close()
@@ -460,7 +465,7 @@ class _Log:
         losses = [float(r["loss"]) for r in rows if r["loss"]]
         self.last_loss = losses[-1] if losses else None
         self._file = self.path.open("w", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=_CSV_FIELDS)
+        self._writer = csv.DictWriter(self._file, fieldnames=_CSV_FIELDS, lineterminator="\n")
         self._writer.writeheader()
         self._writer.writerows(rows)
         self._file.flush()

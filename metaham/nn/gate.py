@@ -59,13 +59,16 @@ class GatedNonlinearity(nn.Module):
             mul * ir.dim for mul, ir in self.gated
         ]
         # (activation, second-moment scale) per scalar block; scales computed here, outside any transform.
-        self._scalar_acts = [(a, _second_moment_scale(a)) for a in ("silu" if ir.p == 1 else "tanh" for _, ir in self.scalars)]
+        names = ["silu" if ir.p == 1 else "tanh" for _, ir in self.scalars]
+        self._scalar_acts = [(name, _second_moment_scale(name)) for name in names]
         self._gate_scale = _second_moment_scale("sigmoid")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``."""
         if x.shape[-1] != self.irreps_in.dim:
-            raise ValueError(f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}"
+            )
         parts = list(x.split(self._sizes, dim=-1))
         out = [_ACTIVATIONS[a](p) * scale for (a, scale), p in zip(self._scalar_acts, parts)]
         if self.gated:

@@ -29,9 +29,10 @@ class InteractionBlock(nn.Module):
       :class:`EquivariantLayerNorm`.
 
     The pair invariants (:class:`~metaham.nn.pair_gate.PairInvariants` of a ``pair_channels``-wide linear
-    projection of the input features) feed the edge MLP with or without a pair gate. With ``pair_sparsity`` set, a :class:`SparsePairGate` first keeps each
-    graph's top pairs and gates their invariants; dropped pairs get no spherical harmonics, no weights and
-    no message, so the cost of the edge work falls with the kept fraction.
+    projection of the input features) feed the edge MLP with or without a pair gate. With ``pair_sparsity``
+    set, a :class:`SparsePairGate` first keeps each graph's top pairs and gates their invariants; dropped
+    pairs get no spherical harmonics, no weights and no message, so the edge work falls with the kept
+    fraction.
 
     Args:
         irreps_in: node feature irreps of the input.
@@ -122,26 +123,33 @@ class InteractionBlock(nn.Module):
             invariants = self.pair_invariants(pair_features, edge_index)
         length = torch.linalg.vector_norm(edge_vec, dim=-1)
         edge_weight = self.edge_mlp(torch.cat([self.radial(length), invariants], dim=-1))
-        edge_weight = edge_weight * polynomial_cutoff(length, self.cutoff).unsqueeze(-1)
+        # The message normalisation rides on the (linear) per-edge weights: one multiplication fewer.
+        edge_weight = edge_weight * (polynomial_cutoff(length, self.cutoff) * self.norm_factor).unsqueeze(-1)
         sh = spherical_harmonics(self.lmax_sh, edge_vec, self.sh_axes)
         messages = self.tp(features.index_select(0, edge_index[0]), sh, edge_weight)
         aggregated = messages.new_zeros(x.shape[0], messages.shape[1]).index_add(0, edge_index[1], messages)
-        out = self.gate(self.update(torch.cat([aggregated * self.norm_factor, x], dim=-1)))
+        out = self.gate(self.update(torch.cat([aggregated, x], dim=-1)))
         if self.residual:
             out = out + x
         return self.norm(out) if self.norm is not None else out
 
 
 def _message_irreps(irreps_in: o3.Irreps, irreps_sh: o3.Irreps, wanted: o3.Irreps):
-    """Message irreps for a ``uvu`` product: one block ``mul_in x ir`` per (input block, reachable irrep in
-    ``wanted``), fed by every spherical-harmonic degree that reaches it; returns (irreps, instructions)."""
+    """Message irreps for a ``uvu`` product and its instructions: one block ``mul x ir`` per multiplicity and
+    reachable irrep of ``wanted``, fed by every (input block, spherical-harmonic degree) pair that reaches it.
+
+    Paths into the same irrep share one block (their sum, normalised by e3nn's path count): the per-edge
+    weights already weigh every path per channel, and separate blocks would triple the messages that are
+    aggregated and the width of the update layer.
+    """
     targets = {ir for _, ir in wanted}
-    blocks, instructions = [], []
+    blocks: dict[tuple[int, o3.Irrep], int] = {}
+    instructions = []
     for i1, (mul, ir1) in enumerate(irreps_in):
-        for ir_out in sorted({ir for _, ir2 in irreps_sh for ir in ir1 * ir2 if ir in targets}):
-            io = len(blocks)
-            blocks.append((mul, ir_out))
-            instructions += [(i1, i2, io) for i2, (_, ir2) in enumerate(irreps_sh) if ir_out in ir1 * ir2]
+        for i2, (_, ir2) in enumerate(irreps_sh):
+            for ir_out in sorted(ir for ir in ir1 * ir2 if ir in targets):
+                io = blocks.setdefault((mul, ir_out), len(blocks))
+                instructions.append((i1, i2, io))
     if not blocks:
         raise ValueError(f"no message path: {irreps_in} x {irreps_sh} reaches none of {wanted}")
-    return o3.Irreps(blocks), instructions
+    return o3.Irreps(list(blocks)), instructions

@@ -41,7 +41,9 @@ class EquivariantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``."""
         if x.shape[-1] != self.irreps_in.dim:
-            raise ValueError(f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}")
+            raise ValueError(
+                f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}"
+            )
         n = x.shape[0]
         blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x.split(self._in_sizes, -1), self.irreps_in)]
         out: list[torch.Tensor | None] = [None] * len(self.irreps_out)

@@ -41,20 +41,21 @@ class EquivariantLayerNorm(nn.Module):
         if x.shape[-1] != self.irreps.dim:
             raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
         n = x.shape[0]
+        if self.affine:
+            scales = self.scale.split([mul for mul, _ in self.irreps])
+            biases = iter(self.bias.split([mul for mul, ir in self.irreps if ir == o3.Irrep("0e")]))
         pieces = []
-        channel = bias_at = 0
         # split(), not slices: one cat in the backward instead of a full-size zero tensor per block.
-        for block, (mul, ir) in zip(x.split([mul * ir.dim for mul, ir in self.irreps], -1), self.irreps):
+        blocks = x.split([mul * ir.dim for mul, ir in self.irreps], -1)
+        for index, (block, (mul, ir)) in enumerate(zip(blocks, self.irreps)):
             block = block.reshape(n, mul, ir.dim)
             if ir.l == 0:
                 block = block - block.mean(dim=1, keepdim=True)
             block = block * torch.rsqrt(block.pow(2).mean(dim=(1, 2), keepdim=True) + self.eps)
             if self.affine:
-                block = block * self.scale[channel : channel + mul].reshape(1, mul, 1)
+                block = block * scales[index].reshape(1, mul, 1)
                 if ir == o3.Irrep("0e"):
-                    block = block + self.bias[bias_at : bias_at + mul].reshape(1, mul, 1)
-                    bias_at += mul
-            channel += mul
+                    block = block + next(biases).reshape(1, mul, 1)
             pieces.append(block.reshape(n, mul * ir.dim))
         return torch.cat(pieces, dim=-1)
 

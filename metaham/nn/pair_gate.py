@@ -28,8 +28,8 @@ class PairInvariants(nn.Module):
 
     For every block ``mul x ir`` of ``irreps``: for ``0e`` the mean of the two endpoints' scalars; for every
     other irrep the per-channel inner product ``<x_i[u], x_j[u]> / (2l + 1)`` (invariant, even parity).
-    Computed as ``[x_i * x_j, x_i + x_j] @ M`` with a constant 0/1-pattern matrix ``M``: two passes over the
-    pairs whatever the number of blocks.
+    Computed as ``(x_i * x_j) @ P + (x_i + x_j) @ S`` with constant matrices ``P``, ``S``: a fixed number of
+    passes over the pairs whatever the number of blocks.
 
     ``forward(x (N, irreps.dim), edge_index (2, E)) -> (E, n_invariants)``, ``n_invariants`` = the total
     multiplicity of ``irreps`` (one number per channel).
@@ -39,24 +39,26 @@ class PairInvariants(nn.Module):
         super().__init__()
         self.irreps = o3.Irreps(irreps)
         self.n_invariants = sum(mul for mul, _ in self.irreps)
-        reduce = torch.zeros(2 * self.irreps.dim, self.n_invariants)  # rows: products, then sums
+        products = torch.zeros(self.irreps.dim, self.n_invariants)
+        sums = torch.zeros(self.irreps.dim, self.n_invariants)
         row = column = 0
         for mul, ir in self.irreps:
             for _ in range(mul):
                 if ir == o3.Irrep("0e"):
-                    reduce[self.irreps.dim + row, column] = 0.5
+                    sums[row, column] = 0.5
                 else:
-                    reduce[row : row + ir.dim, column] = 1.0 / ir.dim
+                    products[row : row + ir.dim, column] = 1.0 / ir.dim
                 row += ir.dim
                 column += 1
-        self.register_buffer("reduce", reduce, persistent=False)
+        self.register_buffer("products", products, persistent=False)
+        self.register_buffer("sums", sums, persistent=False)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """``(N, irreps.dim)`` node features, ``(2, E)`` pairs -> ``(E, n_invariants)``."""
         if x.shape[-1] != self.irreps.dim:
             raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
         src, dst = x.index_select(0, edge_index[0]), x.index_select(0, edge_index[1])
-        return torch.cat([src * dst, src + dst], dim=-1) @ self.reduce.to(x.dtype)
+        return (src * dst) @ self.products.to(x.dtype) + (src + dst) @ self.sums.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.irreps} -> {self.n_invariants}x0e"

@@ -6,9 +6,10 @@ selected path by its weight renormalised over that set, ``w_p / mean_{q in set} 
 the phase (driven by :class:`~metaham.nn.scheduler.SparsityScheduler`):
 
 * ``random``: in training mode every forward draws ``n_keep = max(1, round((1 - sparsity) * n_paths))`` paths
-  uniformly at random (torch's global RNG, so ``torch.manual_seed`` makes runs reproducible). In eval mode it
-  uses the deterministic top-``n_keep`` set below, so evaluation is deterministic and sees the same number
-  of paths (hence the same output scale) as training.
+  uniformly at random (torch's global RNG, so ``torch.manual_seed`` makes runs reproducible; under ``vmap``
+  pass ``randomness="same"``: one draw for all tasks). In eval mode it uses the deterministic top-``n_keep``
+  set below, so evaluation is deterministic and sees the same number of paths (hence the same output
+  scale) as training.
 * ``adaptive``: the ``n_keep`` paths with the largest weights, i.e. those at or above the sparsity-quantile
   of the weights (the discrete quantile that keeps exactly ``n_keep``; ties go to the lower path index).
   The set is re-selected from the detached weights whenever :meth:`SparseTensorProduct.set_phase` runs --
@@ -119,7 +120,8 @@ class SparseTensorProduct(nn.Module):
         self.irreps_in1 = o3.Irreps(irreps_in1)
         self.irreps_in2 = o3.Irreps(irreps_in2)
         self.irreps_out = o3.Irreps(irreps_out)
-        for name, irreps in (("irreps_in1", self.irreps_in1), ("irreps_in2", self.irreps_in2), ("irreps_out", self.irreps_out)):
+        for name in ("irreps_in1", "irreps_in2", "irreps_out"):
+            irreps = getattr(self, name)
             if any(mul == 0 for mul, _ in irreps):
                 raise ValueError(f"{name} = {irreps} contains a zero multiplicity; simplify it first")
         self.mode = mode
@@ -214,7 +216,9 @@ class SparseTensorProduct(nn.Module):
             stop = start + math.prod(w_shape)
             c0 = columns[i1]
             columns[i1] = c0 + iro[io].ir.dim
-            paths.append(_Path(i1, i2, io, alpha, start, stop, w_shape, c0, columns[i1], j_offsets[i2], j_offsets[i2 + 1]))
+            paths.append(
+                _Path(i1, i2, io, alpha, start, stop, w_shape, c0, columns[i1], j_offsets[i2], j_offsets[i2 + 1])
+            )
             start = stop
         return tuple(paths)
 
@@ -229,7 +233,8 @@ class SparseTensorProduct(nn.Module):
             cg = torch.zeros(ir1.dim, d2_total, mine[-1].col_stop)
             for path in mine:
                 l2, l3 = self.irreps_in2[path.i_in2].ir.l, self.irreps_out[path.i_out].ir.l
-                cg[:, path.j_start : path.j_stop, path.col_start : path.col_stop] = path.alpha * o3.wigner_3j(ir1.l, l2, l3)
+                block = path.alpha * o3.wigner_3j(ir1.l, l2, l3)
+                cg[:, path.j_start : path.j_stop, path.col_start : path.col_stop] = block
             self.register_buffer(f"_cg_{i1}", cg, persistent=False)
 
     # ----------------------------------------------------------------------------------------------------
@@ -276,8 +281,12 @@ class SparseTensorProduct(nn.Module):
         self._kept_groups, index = self._compile(paths, self.kept_mask.device)
         self.register_buffer("_kept_index", index, persistent=False)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         # The Python mirrors of the phase and kept set follow the loaded buffers, so a fixed-phase checkpoint
         # is evaluated in its compact form right away.
         index = int(self.phase_index)
@@ -298,16 +307,23 @@ class SparseTensorProduct(nn.Module):
         """``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` (external
         weights only) -> ``(N, irreps_out.dim)``."""
         if x1.dim() != 2 or x1.shape[1] != self.irreps_in1.dim:
-            raise ValueError(f"x1 must have shape (N, {self.irreps_in1.dim}) for {self.irreps_in1}, got {tuple(x1.shape)}")
+            raise ValueError(
+                f"x1 must have shape (N, {self.irreps_in1.dim}) for {self.irreps_in1}, got {tuple(x1.shape)}"
+            )
         if x2.dim() != 2 or x2.shape != (x1.shape[0], self.irreps_in2.dim):
-            raise ValueError(f"x2 must have shape ({x1.shape[0]}, {self.irreps_in2.dim}) for {self.irreps_in2}, got {tuple(x2.shape)}")
+            raise ValueError(
+                f"x2 must have shape ({x1.shape[0]}, {self.irreps_in2.dim}) for {self.irreps_in2}, "
+                f"got {tuple(x2.shape)}"
+            )
         if self.internal_weights:
             if weight is not None:
                 raise ValueError("this tensor product has internal weights; do not pass weight")
             weight = self.weight
         elif weight is None or weight.shape != (x1.shape[0], self.weight_numel):
             got = None if weight is None else tuple(weight.shape)
-            raise ValueError(f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout), got {got}")
+            raise ValueError(
+                f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout), got {got}"
+            )
         paths = self._select_paths()
         if paths is self._kept:
             groups, index = self._kept_groups, self._kept_index
@@ -357,7 +373,8 @@ class SparseTensorProduct(nn.Module):
 
         outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
         for group in groups:
-            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], self._group_cg(group, index, scales))
+            cg = self._group_cg(group, index, scales)
+            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
             parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
             for part, (_, p) in zip(parts, group.members):
                 path = self._paths[p]

@@ -26,6 +26,7 @@ import sqlite3
 import sys
 import time
 import zlib
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -305,10 +306,9 @@ def generate(
         the file, newly stored, and newly failed (non-converged or erroring SCF) in this run.
     """
     settings = DFTSettings(**{**asdict(settings), "basis": normalize_basis(settings.basis)})
-    if conformers < 1 or workers < 1 or not np.isfinite(displacement) or displacement < 0:
-        raise ValueError("conformers and workers must be >= 1 and displacement a finite number >= 0")
-    names = [m.name for m in molecules]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if conformers < 1 or workers < 1 or seed < 0 or not np.isfinite(displacement) or displacement < 0:
+        raise ValueError("conformers and workers must be >= 1, seed >= 0 and displacement a finite number >= 0")
+    duplicates = sorted(n for n, count in Counter(m.name for m in molecules).items() if count > 1)
     if duplicates:
         raise ValueError(f"molecule names must be unique; repeated: {', '.join(duplicates)}")
     for m in molecules:

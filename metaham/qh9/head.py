@@ -6,9 +6,10 @@ Two pieces, both stating their irreps:
   ``14 x 14`` orbital blocks of :data:`~metaham.qh9.orbitals.PADDED_IRREPS` rows and columns, with the
   Clebsch-Gordan coefficients ``wigner_3j(l_row, l_col, l_in)`` looked up by the three angular momenta.
 * :class:`BlockHead` builds those features from node features -- per atom from the atom alone (diagonal
-  blocks), per pair ``(i, j)`` from the two atoms and their distance (off-diagonal blocks) -- with a sparse
-  ``uuu`` tensor product (SPHNet's sparse tensor-product gate) whose per-row path weights, like the
-  expansion's channel weights, come from an MLP of the atoms' scalars.
+  blocks), per pair ``(i, j)`` from a two-centre term of the pair vector plus an environment term from both
+  atoms' features for the pairs the sparse pair gate keeps (off-diagonal blocks) -- with sparse ``uuu``
+  tensor products (SPHNet's sparse tensor-product gate) whose per-row path weights, like the expansion's
+  channel weights, come from MLPs of the atoms' scalars and the pair invariants.
 
 Orbital blocks are in e3nn order (p shells as (y, z, x), see :mod:`metaham.qh9.orbitals`): a block ``B`` of
 an atom pair transforms as ``D_row(R) B D_col(R)^T`` when the features transform with ``D(R)``, which is what
@@ -22,7 +23,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from metaham.nn import BesselBasis, EquivariantLinear, SparseTensorProduct
+from metaham.nn import BesselBasis, EquivariantLinear, PairInvariants, SparsePairGate, SparseTensorProduct, spherical_harmonics
 
 from .orbitals import PADDED_IRREPS
 
@@ -109,38 +110,37 @@ def _mlp(n_in: int, hidden: int, n_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_in, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, n_out))
 
 
-class _BlockBranch(nn.Module):
-    """Features of one kind of block (diagonal or pair): ``uuu`` sparse TP of two linear projections, then
-    the orbital expansion; both weighted per row by one MLP of invariants."""
-
-    def __init__(self, irreps_node: o3.Irreps, mul: int, n_invariants: int, hidden: int, sparsity: float) -> None:
-        super().__init__()
-        natural = o3.Irreps([(mul, ir) for ir in sorted({ir for _, ir in irreps_node})])
-        self.left = EquivariantLinear(irreps_node, natural)
-        self.right = EquivariantLinear(irreps_node, natural)
-        self.tp = SparseTensorProduct(natural, natural, o3.Irreps([(mul, ir) for _, ir in BLOCK_IRREPS]), mode="uuu", sparsity=sparsity)
-        self.expansion = OrbitalExpansion(self.tp.irreps_out)
-        self.weights = _mlp(n_invariants, hidden, self.tp.weight_numel + self.expansion.n_channels)
-
-    def forward(self, left: torch.Tensor, right: torch.Tensor, invariants: torch.Tensor) -> torch.Tensor:
-        w_tp, w_expansion = self.weights(invariants).split([self.tp.weight_numel, self.expansion.n_channels], dim=-1)
-        return self.expansion(self.tp(self.left(left), self.right(right), w_tp), w_expansion)
-
-
 class BlockHead(nn.Module):
     """Node features -> padded orbital blocks of every atom and of every given pair.
 
+    * Diagonal block of atom i: features ``Linear(x_i) + TP(L(x_i), R(x_i))`` (a ``uuu`` sparse tensor
+      product of two projections, which yields the parities a block needs that the node features lack:
+      1e, 2o, 3e), expanded with channel weights from an MLP of the atom's scalars.
+    * Block of a pair ``(i, j)``: a two-centre part for every pair -- the spherical harmonics ``Y(r_ij)`` up
+      to l = 4 with per-channel radial coefficients, as in a Slater-Koster table -- plus, for the pairs the
+      :class:`~metaham.nn.SparsePairGate` keeps (all pairs when dense), the environment part
+      ``TP(L(x_i), R(x_j))``. Coefficients and weights come from MLPs of pair invariants: both atoms'
+      scalars, the distance's Bessel basis and channel inner products of a narrow projection of the features
+      (gated by ``sigmoid(score - quantile)`` for kept pairs, which is how the pair scorer learns).
+
     Args:
-        irreps_node: irreps of the node features (scalars first; l up to 4 recommended: d x d blocks reach 4).
+        irreps_node: irreps of the node features (``0e`` scalars first).
         mul: multiplicity of every irrep of the block features.
         hidden: width of the weight MLPs.
-        cutoff: radius of the Bessel basis of pair distances (beyond it pairs see only the atoms' scalars).
+        cutoff: radius of the Bessel basis of pair distances, Angstrom (beyond it a pair's radial
+            features are zero and only the atoms' scalars remain).
         num_basis: Bessel functions of the pair distance.
-        sparsity: sparsity of both tensor-product gates (0: dense).
+        pair_channels: channels per irrep type of the projection the pair invariants are computed from.
+        tp_sparsity: sparsity of both tensor-product gates (0: dense).
+        pair_sparsity: sparsity of the pair gate on the environment part; None: every pair gets it.
 
-    ``forward(x (N, irreps_node.dim), pairs (2, P), pair_vec (P, 3))`` -> ``(diag (N, 14, 14),
-    offdiag (P, 14, 14))``; ``pairs[:, k] = (i, j)``: block rows belong to atom i, columns to atom j.
+    ``forward(x (N, irreps_node.dim), pairs (2, P), pair_vec (P, 3), batch (N,))`` -> ``(diag (N, 14, 14),
+    offdiag (P, 14, 14))``; ``pairs[:, k] = (i, j)``: rows belong to atom i, columns to atom j;
+    ``pair_vec = pos[i] - pos[j]``; ``batch`` maps atoms to molecules (the pair gate keeps its share per
+    molecule).
     """
+
+    LMAX_TWO_CENTRE = 4  # d x d blocks reach l = 4
 
     def __init__(
         self,
@@ -149,25 +149,89 @@ class BlockHead(nn.Module):
         hidden: int = 64,
         cutoff: float = 12.0,
         num_basis: int = 8,
-        sparsity: float = 0.0,
+        pair_channels: int = 8,
+        tp_sparsity: float = 0.0,
+        pair_sparsity: float | None = None,
     ) -> None:
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
-        self.n_scalars = sum(m for m, ir in self.irreps_node if ir == o3.Irrep("0e"))
         if self.irreps_node[0].ir != o3.Irrep("0e"):
             raise ValueError(f"irreps_node = {self.irreps_node}: list the 0e scalars first")
+        self.n_scalars = self.irreps_node[0].mul
+        self.irreps_features = o3.Irreps([(mul, ir) for _, ir in BLOCK_IRREPS])
+        natural = o3.Irreps([(mul, ir) for ir in sorted({ir for _, ir in self.irreps_node}, key=_natural_first)])
+
+        # diagonal blocks
+        self.diag_linear = EquivariantLinear(self.irreps_node, self.irreps_features)
+        self.diag_left = EquivariantLinear(self.irreps_node, natural)
+        self.diag_right = EquivariantLinear(self.irreps_node, natural)
+        self.diag_tp = SparseTensorProduct(natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity)
+        self.diag_expansion = OrbitalExpansion(self.irreps_features)
+        self.diag_weights = _mlp(self.n_scalars, hidden, self.diag_tp.weight_numel + self.diag_expansion.n_channels)
+
+        # pair blocks
         self.radial = BesselBasis(num_basis, cutoff)
-        self.diag = _BlockBranch(self.irreps_node, mul, self.n_scalars, hidden, sparsity)
-        # Pair invariants: both atoms' scalars (ordered: row atom first) and the distance.
-        self.pair = _BlockBranch(self.irreps_node, mul, 2 * self.n_scalars + num_basis, hidden, sparsity)
+        self.irreps_pair = o3.Irreps([(int(pair_channels), ir) for ir in sorted({ir for _, ir in self.irreps_node})])
+        self.pair_projection = EquivariantLinear(self.irreps_node, self.irreps_pair)
+        self.pair_invariants = PairInvariants(self.irreps_pair)
+        self.pair_gate = None if pair_sparsity is None else SparsePairGate(self.irreps_pair, pair_sparsity)
+        n_invariants = 2 * self.n_scalars + num_basis + self.pair_invariants.n_invariants
+        # Two-centre features: the harmonics of natural parity (the only ones Y(r) has), one coefficient each.
+        self._two_centre = [(k, ir.l) for k, (_, ir) in enumerate(self.irreps_features) if ir.p == (-1) ** ir.l]
+        self.pair_expansion = OrbitalExpansion(self.irreps_features)
+        self.pair_weights = _mlp(n_invariants, hidden, mul * len(self._two_centre) + self.pair_expansion.n_channels)
+        self.pair_left = EquivariantLinear(self.irreps_node, natural)
+        self.pair_right = EquivariantLinear(self.irreps_node, natural)
+        self.pair_tp = SparseTensorProduct(natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity)
+        self.pair_tp_weights = _mlp(n_invariants, hidden, self.pair_tp.weight_numel)
+        self.mul = mul
+        # The expansions' channel weights start at zero: an untrained head predicts zero blocks, so training
+        # starts from the reference (H_init plus the per-element blocks) instead of adding noise to it.
+        with torch.no_grad():
+            for mlp, n in ((self.diag_weights, self.diag_expansion.n_channels), (self.pair_weights, self.pair_expansion.n_channels)):
+                mlp[-1].weight[-n:].zero_()
+                mlp[-1].bias[-n:].zero_()
 
-    def forward(self, x: torch.Tensor, pairs: torch.Tensor, pair_vec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, pairs: torch.Tensor, pair_vec: torch.Tensor, batch: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         scalars = x[:, : self.n_scalars]
-        diag = self.diag(x, x, scalars)
-        i, j = pairs
-        invariants = torch.cat(
-            [scalars.index_select(0, i), scalars.index_select(0, j), self.radial(torch.linalg.vector_norm(pair_vec, dim=-1))], dim=-1
-        )
-        offdiag = self.pair(x.index_select(0, i), x.index_select(0, j), invariants)
-        return diag, offdiag
+        w_tp, w_expansion = self.diag_weights(scalars).split([self.diag_tp.weight_numel, self.diag_expansion.n_channels], -1)
+        features = self.diag_linear(x) + self.diag_tp(self.diag_left(x), self.diag_right(x), w_tp)
+        diag = self.diag_expansion(features, w_expansion)
+        return diag, self._pairs(x, scalars, pairs, pair_vec, batch)
 
+    def _pairs(self, x, scalars, pairs, pair_vec, batch) -> torch.Tensor:
+        i, j = pairs
+        length = torch.linalg.vector_norm(pair_vec, dim=-1)
+        common = torch.cat([scalars.index_select(0, i), scalars.index_select(0, j), self.radial(length)], dim=-1)
+        projected = self.pair_projection(x)
+        invariants = self.pair_invariants(projected, pairs)
+        coefficients, w_expansion = self.pair_weights(torch.cat([common, invariants], -1)).split(
+            [self.mul * len(self._two_centre), self.pair_expansion.n_channels], -1
+        )
+        features = self._two_centre_features(coefficients, spherical_harmonics(self.LMAX_TWO_CENTRE, pair_vec, "pyscf"))
+        if self.pair_gate is None:
+            kept, kept_invariants = None, invariants
+        else:
+            selection = self.pair_gate(projected, pairs, batch)
+            kept, kept_invariants = selection.index, selection.invariants
+            common, i, j = common.index_select(0, kept), i.index_select(0, kept), j.index_select(0, kept)
+        w_tp = self.pair_tp_weights(torch.cat([common, kept_invariants], -1))
+        environment = self.pair_tp(self.pair_left(x).index_select(0, i), self.pair_right(x).index_select(0, j), w_tp)
+        features = features + environment if kept is None else features.index_add(0, kept, environment)
+        return self.pair_expansion(features, w_expansion)
+
+    def _two_centre_features(self, coefficients: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
+        """``(P, irreps_features.dim)``: ``coefficient[u, l] * Y_l`` in the natural-parity blocks, 0 elsewhere."""
+        n = sh.shape[0]
+        coefficients = coefficients.reshape(n, self.mul, len(self._two_centre))
+        by_block = {k: c for c, (k, _) in enumerate(self._two_centre)}
+        pieces = []
+        for k, (mul, ir) in enumerate(self.irreps_features):
+            if k in by_block:
+                y = sh[:, ir.l**2 : (ir.l + 1) ** 2]
+                pieces.append((coefficients[:, :, by_block[k], None] * y[:, None, :]).reshape(n, mul * ir.dim))
+            else:
+                pieces.append(sh.new_zeros(n, mul * ir.dim))
+        return torch.cat(pieces, dim=-1)

@@ -116,7 +116,8 @@ class QH9Model(nn.Module):
         )
         self.head = BlockHead(
             self.irreps_node, mul=head_mul, hidden=head_hidden, cutoff=head_cutoff, num_basis=num_basis,
-            sparsity=0.0 if dense else tp_sparsity,
+            pair_channels=pair_channels, tp_sparsity=0.0 if dense else tp_sparsity,
+            pair_sparsity=None if dense else pair_sparsity,
         )
         # Set from training data by fit_statistics: each element's invariant diagonal block (removes the
         # large, geometry-independent part: core levels of tens of Hartree) and the RMS of what is left.
@@ -145,7 +146,7 @@ class QH9Model(nn.Module):
         for block in self.blocks:
             x = block(x, edge_vec, edge_index, batch)
         pair_vec = pos.index_select(0, pairs[0]) - pos.index_select(0, pairs[1])
-        diag, offdiag = self.head(x, pairs, pair_vec)
+        diag, offdiag = self.head(x, pairs, pair_vec, batch)
         return diag, pairs, offdiag
 
     def forward(self, Z: Tensor, pos: Tensor, batch: Tensor, ptr: Tensor) -> list[Tensor]:

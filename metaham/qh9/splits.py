@@ -46,14 +46,12 @@ def _fractions(n: int) -> tuple[int, int]:
 def _molecule_groups(catalog: Catalog) -> list[np.ndarray]:
     """Positions of each molecule's rows, molecules in order of first appearance, rows in (geometry, position)
     order."""
-    groups: dict[str, list[int]] = {}
-    for position, key in enumerate(catalog.molecule):
-        groups.setdefault(str(key), []).append(position)
-    out = []
-    for positions in groups.values():
-        positions = np.asarray(positions, dtype=np.int64)
-        out.append(positions[np.lexsort((positions, catalog.geometry[positions]))])
-    return out
+    keys = catalog.molecule.astype(str)
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    rank = np.argsort(np.argsort(first))  # molecule -> its order of first appearance
+    positions = np.arange(len(keys), dtype=np.int64)
+    order = np.lexsort((positions, catalog.geometry, rank[inverse]))
+    return np.split(order, np.cumsum(counts[np.argsort(rank)])[:-1])
 
 
 def split(catalog: Catalog, scheme: str, seed: int = QH9_SEED) -> dict[str, np.ndarray]:

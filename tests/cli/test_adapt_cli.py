@@ -77,7 +77,7 @@ def test_adapt_reports_the_issue_json_shape_and_a_plot(run_dir, tmp_path, capsys
         assert list(metrics["vf_mse"]) == ["0", "1", "5", "10", "12"]
         assert all(isinstance(v, float) and v >= 0 for v in metrics["vf_mse"].values())
         assert 0 <= metrics["rollout_rel_err"] <= 1 and 0 <= metrics["energy_rel_err"] <= 1
-    assert "plain full-batch SGD at lr 0.1" in result["protocol"]
+    assert "plain full-batch SGD at lr 0.3" in result["protocol"]
     assert result["held_out"] is True
     assert plot.is_file() and plot.stat().st_size > 0
     assert "mse@10" in captured.out and "protocol:" in captured.out

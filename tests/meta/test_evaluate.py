@@ -69,7 +69,7 @@ def test_adaptation_comparison_on_a_tiny_run(tmp_path, monkeypatch):
     result = report.to_dict()
     assert report.eval_steps == [0, 1, 5, 6]
     assert set(result["models"]) == {"meta", "pretrained", "random"}
-    assert result["held_out"] is True and result["tasks"] == 2 and result["adapt_lr"] == 0.1
+    assert result["held_out"] is True and result["tasks"] == 2 and result["adapt_lr"] == 0.3
     for name, model in result["models"].items():
         curve = model["vf_mse_curve"]
         assert len(curve) == 7 and model["vf_mse"]["6"] == pytest.approx(curve[6])

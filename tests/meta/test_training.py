@@ -76,7 +76,7 @@ def test_checkpoint_is_a_plain_dict_with_everything_to_continue(tmp_path):
     assert state["split"]["test_systems"] == ["pendulum"]
     # Meta-SGD: the learned inner rates are saved for adaptation and have moved away from their initial value.
     assert len(state["adapt"]["lrs"]) == len(state["adapt"]["names"]) == len(state["model"])
-    assert any(not torch.all(lr == 0.1) for lr in state["adapt"]["lrs"])
+    assert any(not torch.all(lr == 0.3) for lr in state["adapt"]["lrs"])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert saved["maml"]["meta_sgd"] is True and saved["train"]["pretrain"] is False
     log = training.read_log(tmp_path, "meta")

@@ -30,7 +30,8 @@ def test_task_shapes(every_system, small_config):
     for task in every_system.sample(len(every_system.systems), seed=0):
         n = systems.get(task.system).n_particles
         assert task.support.q.shape == (small_config.k_support, n, 2)
-        assert all(x.shape == (small_config.k_query, n, 2) for x in (task.query.q, task.query.p, task.query.dq, task.query.dp))
+        query = task.query
+        assert all(x.shape == (small_config.k_query, n, 2) for x in (query.q, query.p, query.dq, query.dp))
         assert task.rollouts.t.shape == (small_config.rollout_steps + 1,)
         assert task.rollouts.q.shape == (small_config.rollouts_per_task, small_config.rollout_steps + 1, n, 2)
         assert set(task.params) == set(systems.get(task.system).param_names)
@@ -167,13 +168,16 @@ def test_cache_key_changes_with_every_input(small_config):
 
 
 def test_a_damaged_cache_file_is_resimulated(small_config, tmp_path):
-    path = TaskDistribution("mass_spring", small_config, seed=0, cache_dir=tmp_path).describe()["pools"]["mass_spring"]["cache_file"]
+    def pool_info():
+        dist = TaskDistribution("mass_spring", small_config, seed=0, cache_dir=tmp_path)
+        return dist.describe()["pools"]["mass_spring"]
+
+    path = pool_info()["cache_file"]
     with open(path, "wb") as fh:
         fh.write(b"not a pool")
     with pytest.warns(UserWarning, match="unreadable task cache"):
-        again = TaskDistribution("mass_spring", small_config, seed=0, cache_dir=tmp_path)
-    assert not again.describe()["pools"]["mass_spring"]["from_cache"]
-    assert TaskDistribution("mass_spring", small_config, seed=0, cache_dir=tmp_path).describe()["pools"]["mass_spring"]["from_cache"]
+        assert not pool_info()["from_cache"]
+    assert pool_info()["from_cache"]
 
 
 def test_meta_batches_group_tasks_of_one_shape(every_system, small_config):
@@ -190,8 +194,8 @@ def test_meta_batches_group_tasks_of_one_shape(every_system, small_config):
         assert stacked.q.shape == (6, small_config.k_support, batch[0].n_particles, 2)
         seen.update(task.system for task in batch)
     assert seen == set(every_system.systems)
-    mixed = [len({t.n_particles for t in b}) > 1 for b in every_system.meta_batches(6, seed=0, group_by_shape=False, num_batches=10)]
-    assert any(mixed)
+    ungrouped = every_system.meta_batches(6, seed=0, group_by_shape=False, num_batches=10)
+    assert any(len({t.n_particles for t in batch}) > 1 for batch in ungrouped)
 
 
 def test_meta_batches_resume_from_any_index(every_system):
@@ -210,7 +214,8 @@ def test_sample_takes_turns_and_distinct_draws(every_system, small_config):
 
 
 def test_parameter_ranges_and_bad_inputs(small_config):
-    dist = TaskDistribution("mass_spring", small_config, seed=0, cache=False, param_ranges={"mass_spring": {"m": (0.5, 0.6)}})
+    narrow = {"mass_spring": {"m": (0.5, 0.6)}}
+    dist = TaskDistribution("mass_spring", small_config, seed=0, cache=False, param_ranges=narrow)
     masses = torch.stack([t.params["m"] for t in dist.sample(6, seed=0)])
     springs = torch.stack([t.params["k"] for t in dist.sample(6, seed=0)])
     assert bool(((masses >= 0.5) & (masses <= 0.6)).all())

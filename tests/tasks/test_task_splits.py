@@ -46,7 +46,8 @@ def test_parametric_split_samples_its_ranges(small_config, tmp_path):
 
 
 def test_a_system_on_both_sides_gets_fresh_draws_for_testing(small_config):
-    split = Split.from_dict({"name": "x", "kind": "explicit", "train_systems": ["pendulum"], "test_systems": ["pendulum"]})
+    both = {"name": "x", "kind": "explicit", "train_systems": ["pendulum"], "test_systems": ["pendulum"]}
+    split = Split.from_dict(both)
     train = split.train_distribution(small_config, seed=0, cache=False).sample(3, seed=0)
     test = split.test_distribution(small_config, seed=0, cache=False).sample(3, seed=0)
     assert not any(torch.equal(a.params["l"], b.params["l"]) for a in train for b in test)

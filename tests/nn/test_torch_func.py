@@ -74,7 +74,7 @@ def _close(a: dict, b: dict):
     [
         ("tp", "random", None), ("tp", "adaptive", None), ("tp", "fixed", None),
         ("block", "random", None), ("block", "adaptive", None), ("block", "fixed", None),
-        ("block", "adaptive", 0.5), ("block", "fixed", 0.5),
+        ("block", "random", 0.5), ("block", "adaptive", 0.5), ("block", "fixed", 0.5),
     ],
 )
 def test_grad_and_second_order_match_eager(kind, phase, pair_sparsity):

@@ -1,0 +1,172 @@
+"""Integrators: exact solutions, convergence orders, symplectic behaviour, batching, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import systems
+from metaham.integrate import METHODS, odeint_hamiltonian, simulate
+
+
+def _oscillator(q, p):
+    return p, -q
+
+
+def _exact(t, q0=1.0, p0=0.0):
+    return q0 * torch.cos(t) + p0 * torch.sin(t), p0 * torch.cos(t) - q0 * torch.sin(t)
+
+
+def _start(q0=1.0, p0=0.0):
+    return torch.tensor([[[q0, 0.0]]], dtype=torch.float64), torch.tensor([[[p0, 0.0]]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["dopri8", "dop853"])
+def test_harmonic_oscillator_matches_its_exact_solution_over_10_periods(method):
+    q0, p0 = _start()
+    t = torch.linspace(0, 20 * math.pi, 201, dtype=torch.float64)
+    q, p = odeint_hamiltonian(_oscillator, q0, p0, t, method, rtol=1e-10, atol=1e-10)
+    qe, pe = _exact(t)
+    err = max(float((q[:, 0, 0, 0] - qe).abs().max()), float((p[:, 0, 0, 0] - pe).abs().max()))
+    assert err <= 1e-8, f"{method}: max error {err:.2e}"
+    assert q.shape == (201, 1, 1, 2) and torch.equal(q[0], q0)
+
+
+@pytest.mark.parametrize("method, order", [("leapfrog", 2), ("implicit_midpoint", 2), ("rk4", 4)])
+def test_fixed_step_methods_converge_at_their_order(method, order):
+    q0, p0 = _start(0.3, 1.0)
+    t = torch.tensor([0.0, 0.7, 2.0], dtype=torch.float64)  # uneven save times: sub-steps land on them
+    qe, pe = _exact(t, 0.3, 1.0)
+    errors = []
+    for step in (0.1, 0.05):
+        q, p = odeint_hamiltonian(_oscillator, q0, p0, t, method, step=step)
+        errors.append(max(float((q[:, 0, 0, 0] - qe).abs().max()), float((p[:, 0, 0, 0] - pe).abs().max())))
+    observed = math.log2(errors[0] / errors[1])
+    assert abs(observed - order) < 0.3, f"{method}: observed order {observed:.2f}"
+
+
+@pytest.mark.slow  # 1e5 steps of each method: the cost is per-step Python overhead
+def test_leapfrog_energy_error_stays_bounded_while_rk4_drifts():
+    """Pendulum, dt = 0.1, 1e5 steps (t up to 1e4): leapfrog's energy error oscillates at a fixed level,
+    RK4's grows steadily (it is smaller early on, so compare each method with itself)."""
+
+    def pendulum(q, p):
+        return p, -torch.sin(q)
+
+    q0 = torch.tensor([[1.0]], dtype=torch.float64)
+    p0 = torch.zeros_like(q0)
+    t = torch.linspace(0, 1e4, 1001, dtype=torch.float64)  # 100 steps of 0.1 per save interval
+
+    def energy_error(method):
+        q, p = odeint_hamiltonian(pendulum, q0, p0, t, method, step=0.1)
+        energy = p[:, 0, 0] ** 2 / 2 + 1 - torch.cos(q[:, 0, 0])
+        rel = (energy - energy[0]).abs() / energy[0]
+        return float(rel[1:101].max()), float(rel[-100:].max())  # first and last tenth
+
+    leap_early, leap_late = energy_error("leapfrog")
+    rk4_early, rk4_late = energy_error("rk4")
+    assert leap_late <= 1.5 * leap_early  # bounded
+    assert rk4_late >= 5 * rk4_early  # grows
+    assert rk4_late / rk4_early > 3 * leap_late / leap_early
+
+
+def test_implicit_midpoint_conserves_a_non_separable_quadratic_hamiltonian():
+    # H = (q^2 + p^2 + q p) / 2: implicit midpoint conserves quadratic invariants exactly; leapfrog does not apply.
+    def field(q, p):
+        return p + q / 2, -(q + p / 2)
+
+    q0, p0 = _start(1.0, 0.5)
+    t = torch.linspace(0, 50, 501, dtype=torch.float64)
+    q, p = odeint_hamiltonian(field, q0, p0, t, "implicit_midpoint", step=0.1)
+    h = (q**2 + p**2 + q * p)[..., 0].squeeze(-1) / 2
+    assert float((h - h[0]).abs().max()) < 1e-12
+    q_rk, p_rk = odeint_hamiltonian(field, q0, p0, t, "rk4", step=0.1)
+    h_rk = (q_rk**2 + p_rk**2 + q_rk * p_rk)[..., 0].squeeze(-1) / 2
+    assert float((h_rk - h_rk[0]).abs().max()) > 1e-9  # the check can fail: a non-symplectic method drifts
+
+
+def test_dop853_matches_scipy_solve_ivp_dop853():
+    from scipy.integrate import solve_ivp
+
+    system = systems.get("pendulum")
+    g = torch.Generator().manual_seed(1)
+    params = system.sample_params(6, g)
+    q0, p0 = system.sample_initial_state(params, g)
+    t = torch.linspace(0, 10, 50, dtype=torch.float64)
+    q, p = simulate(system, params, q0, p0, t, "dop853", rtol=1e-12, atol=1e-12)
+    for b in range(6):
+        m, l, grav = (float(params[k][b]) for k in ("m", "l", "g"))
+        sol = solve_ivp(
+            lambda _t, y: [y[1] / (m * l * l), -m * grav * l * np.sin(y[0])],
+            (0, 10), [float(q0[b, 0, 0]), float(p0[b, 0, 0])], method="DOP853", t_eval=t.numpy(),
+            rtol=1e-13, atol=1e-13,
+        )
+        np.testing.assert_allclose(q[:, b, 0, 0].numpy(), sol.y[0], atol=1e-9)
+        np.testing.assert_allclose(p[:, b, 0, 0].numpy(), sol.y[1], atol=1e-9)
+
+
+def test_dop853_rows_are_independent_and_finished_rows_leave_the_batch():
+    """Per-trajectory step sizes: a batch gives what each trajectory gives alone, with or without dropping
+    finished rows (simulate passes rows_field; a 2-D batch takes the generic path)."""
+    system = systems.get("magnetic_mirror")
+    g = torch.Generator().manual_seed(2)
+    params = system.sample_params(6, g)
+    q0, p0 = system.sample_initial_state(params, g)
+    t = torch.linspace(0, 3, 40, dtype=torch.float64)
+    q, p = simulate(system, params, q0, p0, t, "dop853", rtol=1e-10, atol=1e-10)
+    for b in (0, 3):
+        row = {k: v[b : b + 1] for k, v in params.items()}
+        q1, p1 = simulate(system, row, q0[b : b + 1], p0[b : b + 1], t, "dop853", rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(q[:, b : b + 1], q1, atol=1e-12, rtol=0)
+    grid = {k: v.view(2, 3) for k, v in params.items()}
+    q2, _ = odeint_hamiltonian(
+        lambda a, c: system.vector_field(a, c, grid), q0.view(2, 3, 1, 2), p0.view(2, 3, 1, 2), t, "dop853",
+        rtol=1e-10, atol=1e-10,
+    )
+    torch.testing.assert_close(q2.reshape(q.shape), q, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_runs_and_keeps_its_dtype(method):
+    q0, p0 = _start(1.0, 0.0)
+    q0, p0 = q0.float(), p0.float()
+    t = torch.linspace(0, 1, 11)
+    q, p = odeint_hamiltonian(_oscillator, q0, p0, t, method, step=0.01, rtol=1e-6, atol=1e-6)
+    assert q.dtype == torch.float32
+    qe, _ = _exact(t.double())
+    assert float((q[:, 0, 0, 0].double() - qe).abs().max()) < 1e-4
+
+
+def test_simulate_batches_thousands_of_trajectories_with_their_own_parameters():
+    system = systems.get("mass_spring")
+    g = torch.Generator().manual_seed(0)
+    params = system.sample_params(2000, g)
+    q0, p0 = system.sample_initial_state(params, g)
+    t = torch.linspace(0, 3, 31, dtype=torch.float64)
+    q, p = simulate(system, params, q0, p0, t, "rk4", step=0.01)
+    omega = torch.sqrt(params["k"] / params["m"])
+    exact = q0[:, 0, 0] * torch.cos(omega * t[:, None]) + p0[:, 0, 0] / (params["m"] * omega) * torch.sin(omega * t[:, None])
+    assert float((q[:, :, 0, 0] - exact).abs().max()) < 1e-8
+    assert torch.all(q[..., 1] == 0)  # the surplus coordinate stays zero
+
+
+def test_bad_input_is_rejected_with_a_clear_message():
+    q0, p0 = _start()
+    t = torch.linspace(0, 1, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="unknown integrator 'euler'"):
+        odeint_hamiltonian(_oscillator, q0, p0, t, "euler")
+    with pytest.raises(ValueError, match="strictly increasing"):
+        odeint_hamiltonian(_oscillator, q0, p0, t.flip(0), "leapfrog")
+    with pytest.raises(ValueError, match="step must be > 0"):
+        odeint_hamiltonian(_oscillator, q0, p0, t, "leapfrog", step=0.0)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        odeint_hamiltonian(_oscillator, q0, p0, t, "implicit_midpoint", step=5.0, max_fixed_point_iters=5)
+
+    class NonSeparable(systems.System):
+        name, separable = "non_separable", False
+
+        def vector_field(self, q, p, params):
+            return p * q, -p * p / 2
+
+    with pytest.raises(ValueError, match="leapfrog needs a separable Hamiltonian"):
+        simulate(NonSeparable(), {}, q0, p0, t, "leapfrog")
