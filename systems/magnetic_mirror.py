@@ -50,7 +50,9 @@ class MagneticMirror(System):
         Param("m", 1.0, 0.5, 2.0, "particle mass"),
         Param("eB0", 1.0, 0.5, 2.0, "charge times the field on the mid-plane"),
         Param("L", 2.0, 1.0, 3.0, "mirror length: B doubles at |z| = L"),
-        Param("p_theta", -1.0, -2.0, -0.5, "canonical angular momentum (< 0: axis-encircling, bounded)", positive=False),
+        Param(
+            "p_theta", -1.0, -2.0, -0.5, "canonical angular momentum (< 0: axis-encircling, bounded)", positive=False
+        ),
     )
     separable = True
     external_field = True

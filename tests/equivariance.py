@@ -6,7 +6,10 @@ random orthogonal matrices and compares ``fn(rotated inputs)`` with the rotated 
 Each input is given with how it transforms:
 * an ``o3.Irreps`` (or string): a feature tensor ``(..., irreps.dim)`` transformed by ``irreps.D_from_matrix``;
 * ``"cartesian"``: ``(..., 3)`` vectors transformed by the matrix itself (e3nn's ``1o`` is (x, y, z));
-* ``None``: left as it is (indices, batch vectors, invariant scalars).
+* ``None``: left as it is (indices, batch vectors, invariant scalars);
+* a callable ``R -> D``: any other representation, e.g. features in the frame that ``axes="pyscf"`` uses,
+  ``lambda R: irreps.D_from_matrix(P @ R @ P.T)`` with ``P`` the (x, y, z) -> (y, z, x) permutation.
+``irreps_out`` takes the same forms.
 
 e3nn builds Wigner D matrices in torch's default dtype; for float64 checks wrap the test in
 ``default_dtype(torch.float64)`` (and build the module inside it) or the ~1e-7 error of float32 D matrices
@@ -40,14 +43,14 @@ def _transform(x: torch.Tensor, how, rot: torch.Tensor) -> torch.Tensor:
         return x
     if isinstance(how, str) and how == "cartesian":
         return x @ rot.to(x.dtype).T
-    d = o3.Irreps(how).D_from_matrix(rot).to(x.dtype)
-    return x @ d.T
+    d = how(rot) if callable(how) else o3.Irreps(how).D_from_matrix(rot)
+    return x @ d.to(x.dtype).T
 
 
 def equivariance_error(
     fn: Callable[..., torch.Tensor],
     inputs: Sequence[tuple[torch.Tensor, object]],
-    irreps_out: o3.Irreps | str,
+    irreps_out: o3.Irreps | str | Callable[[torch.Tensor], torch.Tensor],
     parity: bool = True,
     n_rotations: int = 3,
     seed: int = 0,
@@ -71,7 +74,7 @@ def equivariance_error(
         rot = rot.to(torch.get_default_dtype())
         rotated_in = [_transform(x, how, rot) for x, how in inputs]
         got = fn(*rotated_in)
-        want = _transform(out, o3.Irreps(irreps_out), rot)
+        want = _transform(out, irreps_out, rot)
         worst = max(worst, float((got.detach() - want.detach()).abs().max() / scale))
     return worst
 

@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         for i in infos
     ]
-    summary = table(rows, ["system", "particles", "dim", "dof", "separable", "external", "parameters default[low,high]"])
+    header = ["system", "particles", "dim", "dof", "separable", "external", "parameters default[low,high]"]
+    summary = table(rows, header)
     summary += "\n\n`metaham systems NAME` shows a system's Hamiltonian, reference and initial-state sampler."
     return emit(args, summary, {"systems": infos})

@@ -21,7 +21,7 @@ from torch import nn
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 # name -> module that registers it; imported lazily so that importing the model stays cheap.
-_BUILTIN = {"gcn": "metaham.hamiltonian.gcn"}
+_BUILTIN = {"gcn": "metaham.hamiltonian.gcn", "sparse_equivariant": "metaham.hamiltonian.equivariant"}
 
 
 def register_backbone(name: str):

@@ -278,30 +278,30 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     """Roll out each task's adapted H from its rollouts' initial states on their time grid.
 
     Returns ``q, p`` ``(N, R, T, n, 2)`` and the number of trajectories whose integration failed (their states are
-    NaN, which the metrics count as the worst error). All tasks run as one batch (``vmap`` over the adapted
-    parameters); if that batch fails, each task is retried alone so that one runaway model spoils only itself.
+    NaN, which the metrics count as the worst error). All tasks with finite adapted weights run as one batch
+    (``vmap`` over the adapted parameters); if that batch fails, each task is retried alone.
     """
     t = tasks[0].rollouts.t
     q0 = torch.stack([task.rollouts.q[:, 0] for task in tasks])  # (N, R, n, 2)
     p0 = torch.stack([task.rollouts.p[:, 0] for task in tasks])
     stacked = {name: torch.stack([params[name] for params in adapted]) for name in adapted[0]}
+    shape = (len(tasks), q0.shape[1], t.numel(), *q0.shape[2:])
+    q = torch.full(shape, float("nan"), dtype=q0.dtype, device=q0.device)
+    p = q.clone()
+    # Models whose SGD diverged to non-finite weights cannot be integrated: they keep NaN states.
+    finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in stacked.values()]).all(0)
+    rows = finite.nonzero().flatten().tolist()
     try:
-        q, p = _integrate(model, stacked, q0, p0, t, graph)
-        return q, p, 0
+        if rows:
+            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()}, q0[rows], p0[rows], t, graph)
     except RuntimeError:
-        pass
-    qs, ps, diverged = [], [], 0
-    for i in range(len(tasks)):
-        one = {name: value[i : i + 1] for name, value in stacked.items()}
-        try:
-            q, p = _integrate(model, one, q0[i : i + 1], p0[i : i + 1], t, graph)
-        except RuntimeError:
-            shape = (1, q0.shape[1], t.numel(), *q0.shape[2:])
-            q = p = torch.full(shape, float("nan"), dtype=q0.dtype, device=q0.device)
-            diverged += q0.shape[1]
-        qs.append(q)
-        ps.append(p)
-    return torch.cat(qs), torch.cat(ps), diverged
+        for i in rows:  # one runaway model spoils only its own rollouts
+            try:
+                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()}, q0[[i]], p0[[i]], t, graph)
+            except RuntimeError:
+                pass
+    diverged = int((~torch.isfinite(q).flatten(2).all(2)).sum())
+    return q, p, diverged
 
 
 def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], q0: Tensor, p0: Tensor, t: Tensor, graph: Tensor):

@@ -67,7 +67,7 @@ SCHEMA: dict[str, Any] = {
     "model": _MODEL_DEFAULTS,
     "data": {"file": "", "split_by": "auto", "seed": 43, "max_train": 0, "max_val": 0},
     "train": {
-        "epochs": 30,
+        "epochs": 40,
         "batch_size": 8,
         "lr": 2e-3,
         "weight_decay": 1e-5,

@@ -14,7 +14,8 @@ def _json(capsys):
 def test_systems_lists_every_system_with_particles_and_ranges(capsys):
     assert main(["systems", "--json"]) == 0
     infos = {s["name"]: s for s in _json(capsys)["systems"]}
-    assert {"mass_spring", "pendulum", "henon_heiles", "magnetic_mirror", "two_body", "three_body", "spring_chain"} <= set(infos)
+    builtin = {"mass_spring", "pendulum", "henon_heiles", "magnetic_mirror", "two_body", "three_body", "spring_chain"}
+    assert builtin <= set(infos)
     assert infos["three_body"]["particles"] == 3 and infos["three_body"]["dim"] == 2
     assert infos["pendulum"]["dof"] == 1  # one degree of freedom: y is the surplus coordinate
     g = next(p for p in infos["pendulum"]["params"] if p["name"] == "g")

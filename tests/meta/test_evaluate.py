@@ -105,3 +105,26 @@ def test_adapt_tasks_equals_adapting_one_task_at_a_time():
         assert result.query_loss == pytest.approx(alone.query_loss, rel=1e-10)
         for name, value in alone.params.items():
             torch.testing.assert_close(result.params[name], value, rtol=1e-10, atol=1e-12)
+
+
+def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
+    from metaham.hamiltonian import HamiltonianGNN, edge_index
+    from metaham.meta.evaluate import _rollouts
+    from tasks import PhasePoints, Rollouts, Task
+
+    model = HamiltonianGNN(hidden=8, layers=1)
+    t = torch.linspace(0, 1, 11)
+
+    def task():
+        q, p = torch.randn(2, 11, 1, 2), torch.randn(2, 11, 1, 2)
+        points = PhasePoints(q[0, :3], p[0, :3], q[0, :3], p[0, :3])
+        return Task("mass_spring", {}, points, points, Rollouts(t, q, p))
+
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    diverged = {name: value * float("nan") for name, value in params.items()}
+    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1))
+    assert q.shape == (3, 2, 11, 1, 2) and count == 2
+    assert torch.isfinite(q[[0, 2]]).all() and torch.isnan(q[1]).all()
+    rollouts = task().rollouts
+    errors = rollout_relative_error(rollouts.q[None].expand(3, -1, -1, -1, -1), rollouts.p[None].expand(3, -1, -1, -1, -1), q, p)
+    assert torch.all(errors[1] == 1) and torch.all(errors[[0, 2]] < 1)

@@ -6,6 +6,7 @@ unrotated call use the same paths.
 """
 import pytest
 import torch
+from e3nn import o3
 
 from equivariance import assert_equivariant, default_dtype
 from metaham.nn import (
@@ -136,3 +137,19 @@ def test_the_check_catches_a_wrongly_reshaped_layer_norm():
         return (block / block.pow(2).mean((1, 2), keepdim=True).sqrt() * scale).reshape(-1, 12)
 
     assert equivariance_error(wrong, [(torch.randn(5, 12), "4x1o")], "4x1o") > 1e-2
+
+
+def test_pyscf_axes_block_is_equivariant_in_the_permuted_frame():
+    # With sh_axes="pyscf" the features live in the frame (y, z, x): rotating the molecule by R acts on them
+    # through D(P R P^T).
+    with default_dtype(torch.float64):
+        block = InteractionBlock(FEAT, FEAT, lmax_sh=2, cutoff=5.0, sh_axes="pyscf")
+        perm = torch.eye(3)[[1, 2, 0]]
+        features = lambda rot: o3.Irreps(FEAT).D_from_matrix(perm @ rot @ perm.T)  # noqa: E731
+        edge_index = torch.tensor([(i, j) for i in range(5) for j in range(5) if i != j]).T
+        x, pos = torch.randn(5, 26), torch.randn(5, 3)
+
+        def run(x, pos):
+            return block(x, pos[edge_index[1]] - pos[edge_index[0]], edge_index)
+
+        assert_equivariant(run, [(x, features), (pos, "cartesian")], features)

@@ -1,0 +1,138 @@
+"""QH9Model: its matrix (pyscf order) rotates as D H D^T in every sparsity phase; CG by l; gates; errors."""
+import numpy as np
+import pytest
+import torch
+from ase.build import molecule
+from e3nn import o3
+
+from metaham.nn import SparsePairGate
+from metaham.qh9.basis import UnsupportedError, n_orbitals
+from metaham.qh9.dataset import collate
+from metaham.qh9.formats import Record
+from metaham.qh9.head import BLOCK_IRREPS, OrbitalExpansion
+from metaham.qh9.model import QH9Model, build_model
+from metaham.qh9.orbitals import PADDED_IRREPS, wigner_D
+from metaham.train import load_checkpoint, save_checkpoint
+
+TINY = dict(
+    node_irreps="8x0e+4x1o+4x2e+2x3o+2x4e", layers=2, lmax_sh=2, radial_hidden=16, pair_channels=4, head_mul=4,
+    head_hidden=16, residual=False,
+)
+
+
+def _batch(names=("H2O", "CH3OH"), seed=0):
+    """Displaced molecules from ase with random symmetric "targets" (for the per-element references).
+
+    Displaced: the gates keep pairs and paths by rank, so at an exact tie (the two O-H bonds of a symmetric
+    water) rounding noise of a rotation may flip which of two equal pairs is kept."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for k, name in enumerate(names):
+        atoms = molecule(name)
+        n = n_orbitals(atoms.numbers)
+        H = rng.normal(size=(n, n))
+        pos = atoms.positions + rng.normal(0.0, 0.05, atoms.positions.shape)
+        records.append(Record(k, atoms.numbers.astype(np.int64), pos, H + H.T, None, name, 0))
+    return collate(records)
+
+
+def _model(phase: str) -> QH9Model:
+    """A tiny model in ``phase`` ("random", "adaptive", "fixed" or "dense") whose output is not trivial: random
+    gate weights (so the kept paths are not simply the first ones), random channel weights instead of the
+    zero start, and per-element references fitted to random targets."""
+    model = QH9Model(**TINY, dense=phase == "dense", random_steps=1, adaptive_steps=1)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in model.sparsity.gates:
+            if gate.sparsity > 0:
+                gate.path_weight.copy_(0.5 + torch.rand(gate.n_paths, generator=generator))
+        for mlp in (model.head.diag_weights, model.head.pair_weights):
+            mlp[-1].weight.normal_(0.0, 0.3, generator=generator)
+    model.fit_statistics([_batch()])
+    for _ in range({"random": 0, "adaptive": 1, "fixed": 2, "dense": 0}[phase]):
+        model.sparsity.step()
+    return model.eval()
+
+
+def _random_rotation(seed: int, improper: bool) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    rotation = q * torch.sign(torch.det(q))
+    return -rotation if improper else rotation
+
+
+@pytest.mark.parametrize("phase", ["random", "adaptive", "fixed", "dense"])
+def test_predicted_matrix_rotates_as_wigner_D_H_DT_in_pyscf_order(phase):
+    model = _model(phase)
+    assert model.sparsity.phase == ("random" if phase == "dense" else phase)
+    batch = _batch()
+    with torch.no_grad():
+        H = model(batch.Z, batch.pos, batch.batch, batch.ptr)
+        again = model(batch.Z, batch.pos, batch.batch, batch.ptr)
+        for h, h2 in zip(H, again):  # eval mode is deterministic in every phase, the random one included
+            assert torch.equal(h, h2)
+        for k, improper in enumerate([False, False, True]):
+            R = _random_rotation(k, improper)
+            rotated = model(batch.Z, batch.pos @ R.T, batch.batch, batch.ptr)
+            for b in range(len(batch)):
+                Z = batch.Z[batch.ptr[b] : batch.ptr[b + 1]]
+                D = wigner_D(Z, R)
+                want = D @ H[b].double() @ D.T
+                scale = H[b].abs().max()
+                assert scale > 1e-2  # a trivial output would pass vacuously
+                err = float((rotated[b].double() - want).abs().max() / scale)
+                assert err < 1e-5, f"{phase}: molecule {b}, rotation {k}: relative error {err:.2e}"
+            assert all(torch.allclose(h, h.T) for h in rotated)
+
+
+def test_fixed_phase_keeps_30_percent_of_paths_and_pairs_dense_twin_has_no_gate():
+    sparse, dense = _model("fixed"), _model("dense")
+    gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
+    assert len(gates) == 2 + 2  # two interaction blocks, the head's diagonal and pair products
+    for gate in gates:
+        assert gate.phase == "fixed" and abs(len(gate.kept_paths) / gate.n_paths - 0.3) < 0.1
+    assert sum(isinstance(m, SparsePairGate) for m in sparse.modules()) == 3  # two blocks and the head
+    assert not any(isinstance(m, SparsePairGate) for m in dense.modules())
+    assert all(g.sparsity == 0 and len(g.kept_paths) == g.n_paths for g in dense.sparsity.gates)
+
+
+def test_clebsch_gordan_coefficients_are_chosen_by_l_not_by_position():
+    """Features listed in a scrambled irreps order still give blocks that rotate as D_row B D_col^T, and the
+    path-to-entry map is orthogonal (the full Clebsch-Gordan change of basis)."""
+    scrambled = o3.Irreps([(3, ir) for _, ir in reversed(BLOCK_IRREPS)])
+    expansion = OrbitalExpansion(scrambled)
+    assert torch.allclose(expansion.cg @ expansion.cg.T, torch.eye(PADDED_IRREPS.dim**2), atol=1e-5)
+    x = torch.randn(2, scrambled.dim)
+    weight = torch.randn(2, expansion.n_channels)
+    R = _random_rotation(3, improper=True)
+    D_feat = scrambled.D_from_matrix(R.float())
+    D_block = PADDED_IRREPS.D_from_matrix(R.float())
+    got = expansion(x @ D_feat.T, weight)
+    want = D_block @ expansion(x, weight) @ D_block.T
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_checkpoint_reloads_the_fixed_phase_and_its_outputs(tmp_path):
+    model = _model("fixed")
+    save_checkpoint({"config": model.config, "model": model.state_dict()}, tmp_path / "m.pt")
+    state = load_checkpoint(tmp_path / "m.pt")
+    clone = build_model(state["config"])
+    clone.load_state_dict(state["model"])
+    clone.eval()
+    assert clone.sparsity.phase == "fixed" and int(clone.sparsity.steps_done) == 2
+    assert [g.kept_paths for g in clone.sparsity.gates] == [g.kept_paths for g in model.sparsity.gates]
+    batch = _batch()
+    with torch.no_grad():
+        for a, b in zip(model.predict(batch), clone.predict(batch)):
+            assert torch.equal(a, b) and a.dtype == torch.float64
+
+
+def test_other_elements_and_missing_initial_guess_are_clear_errors():
+    model = QH9Model(**TINY)
+    Z = torch.tensor([16, 1, 1])  # H2S
+    with pytest.raises(UnsupportedError, match=r"S \(Z=16\)"):
+        model.blocks_of(Z, torch.randn(3, 3), torch.zeros(3, dtype=torch.long))
+    residual = QH9Model(**{**TINY, "residual": True})
+    with pytest.raises(ValueError, match="H_init"):
+        residual.predict(_batch(("H2O",)))
+    with pytest.raises(ValueError, match="unknown model option"):
+        build_model({"layers": 1, "widht": 3})
