@@ -38,7 +38,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 import yaml
@@ -511,9 +511,3 @@ def read_log(run_dir: str | Path, kind: str) -> list[dict[str, float | None]]:
         {k: (float(v) if v else None) for k, v in row.items()} for row in _read_rows(Path(run_dir) / f"{kind}.csv")
     ]
 
-
-def iter_learners(run_dir: str | Path) -> Iterator[str]:
-    """The learners with a checkpoint in ``run_dir``."""
-    for kind in LEARNERS:
-        if (Path(run_dir) / f"{kind}.pt").is_file():
-            yield kind

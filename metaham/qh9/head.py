@@ -185,12 +185,6 @@ class BlockHead(nn.Module):
         self.pair_tp = SparseTensorProduct(natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity)
         self.pair_tp_weights = _mlp(n_invariants, hidden, self.pair_tp.weight_numel)
         self.mul = mul
-        # The expansions' channel weights start at zero: an untrained head predicts zero blocks, so training
-        # starts from the reference (H_init plus the per-element blocks) instead of adding noise to it.
-        with torch.no_grad():
-            for mlp, n in ((self.diag_weights, self.diag_expansion.n_channels), (self.pair_weights, self.pair_expansion.n_channels)):
-                mlp[-1].weight[-n:].zero_()
-                mlp[-1].bias[-n:].zero_()
 
     def forward(
         self, x: torch.Tensor, pairs: torch.Tensor, pair_vec: torch.Tensor, batch: torch.Tensor

@@ -13,8 +13,9 @@
    (x, y, z)); with ``residual`` the MINAO initial-guess Fock matrix ``H_init`` is added (the network learns
    ``H - H_init``, as SPHNet does).
 
-Sparsity: with ``dense=False`` every tensor product of the encoder and the head is a
-:class:`~metaham.nn.SparseTensorProduct` at ``tp_sparsity`` and every interaction block has a
+Sparsity: with ``dense=False`` every tensor product of the encoder (but the first block's, whose paths each
+carry one l from the scalar embedding) and the head is a :class:`~metaham.nn.SparseTensorProduct` at
+``tp_sparsity``, and every interaction block and the head's environment term have a
 :class:`~metaham.nn.SparsePairGate` at ``pair_sparsity``; ``model.sparsity`` is the
 :class:`~metaham.nn.SparsityScheduler` (random -> adaptive -> fixed, in optimizer steps; its state is in the
 model's ``state_dict``). ``dense=True`` removes both gates: the QHNet-like twin at identical widths.
@@ -57,8 +58,8 @@ class QH9Model(nn.Module):
         head_hidden: width of the head's weight MLPs.
         head_cutoff: radius of the Bessel basis of the head's pair distances, Angstrom.
         dense: no gates at all (the dense twin).
-        tp_sparsity: sparsity of every tensor-product gate (ignored when dense).
-        pair_sparsity: sparsity of the pair gates (ignored when dense).
+        tp_sparsity: sparsity of every tensor-product gate (ignored when dense; 0: dense tensor products).
+        pair_sparsity: sparsity of the pair gates (ignored when dense; 0: no pair gate).
         random_steps, adaptive_steps: optimizer steps of the scheduler's random and adaptive phases.
         residual: predict ``H_init + network`` (``H_init`` the MINAO-guess Fock matrix) instead of ``H``.
 
@@ -72,7 +73,7 @@ class QH9Model(nn.Module):
         self,
         node_irreps: str = "32x0e+16x1o+16x2e+8x3o+8x4e",
         layers: int = 3,
-        lmax_sh: int = 2,
+        lmax_sh: int = 4,
         cutoff: float = 5.0,
         num_basis: int = 8,
         radial_hidden: int = 32,
@@ -107,17 +108,22 @@ class QH9Model(nn.Module):
         self.embedding = nn.Linear(len(ELEMENTS), n_scalars)
         block_options = dict(
             lmax_sh=lmax_sh, num_basis=num_basis, cutoff=cutoff, radial_hidden=radial_hidden, pair_channels=pair_channels,
-            tp_sparsity=0.0 if dense else tp_sparsity, pair_sparsity=None if dense else pair_sparsity,
+            tp_sparsity=0.0 if dense else tp_sparsity, pair_sparsity=None if dense or not pair_sparsity else pair_sparsity,
             avg_num_neighbors=avg_num_neighbors, sh_axes="pyscf",
         )
+        # The first block's product has one path per output l (scalars x Y_l -> l): pruning any of them would
+        # remove that l from the whole network, so its tensor product stays dense (it is also the cheapest).
         self.blocks = nn.ModuleList(
-            InteractionBlock(irreps_embed if k == 0 else self.irreps_node, self.irreps_node, **block_options)
+            InteractionBlock(
+                irreps_embed if k == 0 else self.irreps_node, self.irreps_node,
+                **{**block_options, **({"tp_sparsity": 0.0} if k == 0 else {})},
+            )
             for k in range(int(layers))
         )
         self.head = BlockHead(
             self.irreps_node, mul=head_mul, hidden=head_hidden, cutoff=head_cutoff, num_basis=num_basis,
             pair_channels=pair_channels, tp_sparsity=0.0 if dense else tp_sparsity,
-            pair_sparsity=None if dense else pair_sparsity,
+            pair_sparsity=None if dense or not pair_sparsity else pair_sparsity,
         )
         # Set from training data by fit_statistics: each element's invariant diagonal block (removes the
         # large, geometry-independent part: core levels of tens of Hartree) and the RMS of what is left.

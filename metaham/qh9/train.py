@@ -268,7 +268,8 @@ def _optimizer(model: QH9Model, settings: Mapping[str, Any]) -> torch.optim.Adam
     decay = [p for p in model.parameters() if p.dim() > 1]
     no_decay = [p for p in model.parameters() if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": settings["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=settings["lr"])
+    fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)  # one kernel for all tensors
+    return torch.optim.AdamW(groups, lr=settings["lr"], fused=fused)
 
 
 def _resolve_device(spec: str) -> torch.device:
@@ -385,8 +386,10 @@ def train(
                 if time.perf_counter() > deadline:
                     stopped = "max_minutes"
                     break
-            state["epoch"] += 1 if stopped == "epochs" else 0
-            state["batch"] = 0 if stopped == "epochs" else state["batch"]
+            if state["batch"] >= steps_per_epoch:  # the epoch is complete (even if the clock stopped it)
+                state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                if state["epoch"] >= settings["epochs"]:
+                    stopped = "epochs"
             val = validation_mae(model, val_batches, device)
             state["seconds"] = time.perf_counter() - started
             mean_loss = float(np.mean(losses)) if losses else None

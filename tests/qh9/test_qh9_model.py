@@ -87,7 +87,8 @@ def test_predicted_matrix_rotates_as_wigner_D_H_DT_in_pyscf_order(phase):
 def test_fixed_phase_keeps_30_percent_of_paths_and_pairs_dense_twin_has_no_gate():
     sparse, dense = _model("fixed"), _model("dense")
     gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
-    assert len(gates) == 2 + 2  # two interaction blocks, the head's diagonal and pair products
+    assert sparse.blocks[0].tp.sparsity == 0  # its paths each carry one l out of the scalar embedding
+    assert len(gates) == 1 + 2  # the second interaction block, the head's diagonal and pair products
     for gate in gates:
         assert gate.phase == "fixed" and abs(len(gate.kept_paths) / gate.n_paths - 0.3) < 0.1
     assert sum(isinstance(m, SparsePairGate) for m in sparse.modules()) == 3  # two blocks and the head

@@ -1,0 +1,111 @@
+"""`metaham qh9 train` / `eval` and the training loop: it learns, resumes exactly, checkpoints load safely."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from metaham.cli import main
+from metaham.qh9 import generate as gen
+from metaham.qh9.train import load_train_config, read_log, train
+
+# A small model: the same code paths as the default one (both gates, all three phases), a fraction of the cost.
+TINY = dict(
+    node_irreps="8x0e+4x1o+4x2e+2x3o+2x4e", layers=2, lmax_sh=2, radial_hidden=16, pair_channels=4, head_mul=4,
+    head_hidden=16, random_steps=5, adaptive_steps=5,
+)
+QUICK = {"train.batch_size": 8, "train.warmup_steps": 5, "train.lr": 0.01, "train.decay": "linear",
+         "data.split_by": "stable-id", "threads": 1, "device": "cpu"}
+
+
+def _sets(extra=None, **model):
+    values = {**{f"model.{k}": v for k, v in {**TINY, **model}.items()}, **QUICK, **(extra or {})}
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture(scope="module")
+def water(tmp_path_factory):
+    """Ten displaced water geometries with QH9's pyscf settings (stable-id split: 8 train, 1 val, 1 test)."""
+    path = tmp_path_factory.mktemp("water") / "water.db"
+    stats = gen.generate(path, gen.g2_molecules(["H2O"]), conformers=10, displacement=0.1, progress=False)
+    assert stats["computed"] == 10
+    return path
+
+
+def test_short_training_run_lowers_validation_h_mae_tenfold(water, tmp_path):
+    """Learning H itself (the residual set-up starts at the MINAO guess, whose error is already small):
+    from the per-element references alone to a trained model on a held-out geometry."""
+    config = load_train_config(None, _sets({"train.epochs": 100, "data.file": water}, residual=False))
+    result = train(config, tmp_path / "run", progress=False)
+    log = read_log(tmp_path / "run")
+    assert log[0]["step"] == 0 and log[0]["val_h_mae_ueh"] == pytest.approx(result["initial_val_h_mae_ueh"])
+    assert result["phase"] == "fixed" and result["steps"] == 100
+    assert result["best_val_h_mae_ueh"] <= result["initial_val_h_mae_ueh"] / 10, result
+
+
+def test_resume_reproduces_an_uninterrupted_run(water, tmp_path):
+    """Stopped by the clock after one step (random phase, mid-epoch), again after the next (end of an epoch),
+    then resumed to the end through the adaptive and fixed phases: the same weights, kept paths and optimizer
+    state as a run that went straight through."""
+    extra = {"train.batch_size": 4, "train.epochs": 3, "data.file": water}  # 2 steps per epoch, 6 in all
+    phases = dict(random_steps=3, adaptive_steps=2)
+    train(load_train_config(None, _sets(extra, **phases)), tmp_path / "straight", progress=False)
+
+    clock = load_train_config(None, _sets({**extra, "train.max_minutes": "1.0e-9"}, **phases))
+    first = train(clock, tmp_path / "pieces", progress=False)
+    assert first["stopped"] == "max_minutes" and first["steps"] == 1 and first["phase"] == "random"
+    second = train(clock, tmp_path / "pieces", resume=True, progress=False)
+    assert second["steps"] == 2 and second["epochs"] == 1
+    resumed = train(load_train_config(None, _sets(extra, **phases)), tmp_path / "pieces", resume=True, progress=False)
+    assert resumed["steps"] == 6 and resumed["phase"] == "fixed" and resumed["stopped"] == "epochs"
+
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "pieces" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"])
+    assert [r["step"] for r in read_log(tmp_path / "pieces")][-1] == 6
+
+
+def test_cli_train_then_eval_with_saved_predictions(water, tmp_path, capsys):
+    run = tmp_path / "run"
+    sets = [x for s in _sets({"train.epochs": 2}) for x in ("--set", s)]
+    assert main(["qh9", "train", "--data", str(water), "--out", str(run), *sets, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["epochs"] == 2 and (run / "best.pt").is_file() and (run / "last.pt").is_file()
+    assert "validation H MAE" in "\n".join(out[:-1])
+
+    npz = tmp_path / "pred.npz"
+    assert main(["qh9", "eval", "--checkpoint", str(run), "--split", "all", "--save-predictions", str(npz),
+                 "--device", "cpu", "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    scores = json.loads(out[-1])
+    for key in ("n", "h_mae_ueh", "h_diag_mae_ueh", "h_offdiag_mae_ueh", "eps_mae_ueh", "psi_cos_pct"):
+        assert scores[key] is not None and scores[key] > 0, key
+    assert scores["n"] == 10 and scores["residual"] is True and 0 < scores["psi_cos_pct"] <= 100
+    saved = np.load(npz)
+    assert sorted(saved["ids"].tolist()) == list(range(1, 11))
+    assert saved["H_1"].shape == (24, 24) and np.allclose(saved["H_1"], saved["H_1"].T)
+    assert "H uEh" in "\n".join(out[:-1])
+
+
+def test_bad_config_and_reused_run_directory_exit_2(water, tmp_path, capsys):
+    args = ["qh9", "train", "--data", str(water), "--out", str(tmp_path / "r")]
+    assert main([*args, "--set", "model.widht=3"]) == 2
+    assert "unknown key 'model.widht'" in capsys.readouterr().err
+    assert main([*args, "--set", "model.tp_sparsity=1.5"]) == 2
+    assert "sparsity must be in [0, 1)" in capsys.readouterr().err
+    assert main(["qh9", "train", "--out", str(tmp_path / "r")]) == 2
+    assert "--data FILE is required" in capsys.readouterr().err
+    assert main(["qh9", "eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_bench_train_speedup_runs(capsys):
+    assert main(["bench", "qh9", "--part", "train", "--train-molecules", "1", "--train-repeats", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["train_speedup"] > 0 and result["train_dense_s"] > 0 and result["train_sparse_s"] > 0
+    assert 0 < result["kept_paths"] < result["total_paths"]
