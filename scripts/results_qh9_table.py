@@ -79,8 +79,8 @@ def build(out_dir: Path) -> str:
         "# QH9 model: measured results",
         "",
         f"Built by `scripts/results_qh9_table.py` from `{out_dir}` on {datetime.date.today()} "
-        f"({platform.machine()}, {platform.system()}); every number below comes from the JSON outputs of "
-        "`scripts/results_qh9.sh`.",
+        f"({platform.machine()}, {platform.system()}); every number below is read from the JSON outputs there "
+        "(the layout and commands of `scripts/results_qh9.sh`).",
         "",
         f"Data: {generate['total']} geometries ({generate['computed'] + generate['existing']} stored, "
         f"{generate['failed']} failed SCF) of 12 small G2 molecules (H2O NH3 CH4 HF HCN H2CO C2H2 C2H4 CH3OH "

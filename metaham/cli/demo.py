@@ -115,16 +115,16 @@ def _qh9(out: Path) -> tuple[str, dict]:
     run_dir = out / "qh9_run"
     generated = _metaham(
         "qh9", "generate", "--out", str(data), "--molecules", "H2O", "NH3", "CH4", "HCN", "CO",
-        "--conformers", "6", "--workers", "2", "--seed", "0",
+        "--conformers", "8", "--workers", "2", "--seed", "0",
     )
     resume = ["--resume"] if (run_dir / "last.pt").exists() else []
     trained = _metaham(
         "qh9", "train", "--config", _config("qh9.yaml"), "--data", str(data), "--out", str(run_dir),
-        "--set", "train.max_minutes=1.5", "--set", "model.random_steps=20", "--set", "model.adaptive_steps=10",
+        "--set", "train.max_minutes=1.5", "--set", "data.split_by=stable-id", "--set", "model.random_steps=20", "--set", "model.adaptive_steps=10",
         *resume,
     )
     evaluated = _metaham("qh9", "eval", "--checkpoint", str(run_dir), "--data", str(data), "--split", "test")
-    baseline = _metaham("qh9", "baseline", "--data", str(data), "--split", "test")
+    baseline = _metaham("qh9", "baseline", "--data", str(data), "--split", "test", "--split-by", "stable-id")
     rows = [["sparse model", evaluated["n"], evaluated["h_mae_ueh"], evaluated["eps_mae_ueh"], evaluated["psi_cos_pct"]]]
     for name, res in _baseline_rows(baseline):
         rows.append([name, res["n"], res["h_mae_ueh"], res["eps_mae_ueh"], res["psi_cos_pct"]])

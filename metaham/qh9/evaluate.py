@@ -13,15 +13,16 @@ call of :func:`~metaham.qh9.metrics.molecule_errors`.
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from metaham.train.checkpoint import atomic_write_bytes
 
 from .basis import ao_atom_index, n_occupied
 from .dataset import MoleculeBatch, QH9Dataset, collate
@@ -151,17 +152,7 @@ def evaluate_model(
 def save_predictions(path: str | os.PathLike, predictions: dict[int, np.ndarray]) -> None:
     """Write predictions atomically to an ``.npz``: ``ids`` (int64) and one ``H_<id>`` array per row (pyscf
     order, float64). Read back with ``np.load(path)[f"H_{id}"]``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ids = np.array(sorted(predictions), dtype=np.int64)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, ids=ids, **{f"H_{i}": predictions[int(i)] for i in ids})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=ids, **{f"H_{i}": predictions[int(i)] for i in ids})
+    atomic_write_bytes(path, buffer.getvalue())

@@ -25,6 +25,7 @@ model's ``state_dict``). ``dense=True`` removes both gates: the QHNet-like twin 
 """
 from __future__ import annotations
 
+import inspect
 from typing import Any, Iterable
 
 import numpy as np
@@ -272,7 +273,7 @@ def _molecule_graph(pos: Tensor, batch: Tensor, cutoff: float) -> tuple[Tensor, 
 
 def build_model(config: dict[str, Any]) -> QH9Model:
     """A :class:`QH9Model` from a plain dict of its arguments (``model.config`` of a checkpoint)."""
-    unknown = sorted(set(config) - set(QH9Model.__init__.__code__.co_varnames[1 : QH9Model.__init__.__code__.co_argcount]))
+    unknown = sorted(set(config) - set(inspect.signature(QH9Model).parameters))
     if unknown:
         raise ValueError(f"unknown model option(s) {', '.join(unknown)}")
     return QH9Model(**config)

@@ -52,7 +52,7 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, generated):
 
 
 def test_bench_qh9_runs_and_routes_agree(capsys):
-    assert main(["bench", "qh9", "--molecules", "1", "--conformers", "2", "--repeats", "1", "--json"]) == 0
+    assert main(["bench", "qh9", "--part", "eval", "--molecules", "1", "--conformers", "2", "--repeats", "1", "--json"]) == 0
     result, summary = _json(capsys)
     assert result["n_molecules"] == 2 and result["eval_speedup"] > 0
     assert result["max_metric_difference"] < 1e-9
