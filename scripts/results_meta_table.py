@@ -171,21 +171,30 @@ def _markdown(runs: list[dict], args) -> str:
             f"| {run['system']} | {run['backbone']} | {learners['meta']['seconds']:.0f} | "
             f"{learners.get('pretrained', {}).get('seconds', float('nan')):.0f} | {run['adapt']['seconds']:.0f} |"
         )
+    common = {k: v for k, v in first["deviations"].items() if all(r["deviations"].get(k) == v for r in runs)}
+    sets = " ".join(f"{k}={v}" for k, v in common.items())
+    env = " ".join(x for x in (f'SET="{sets}"' if sets else "",
+                               f"DOC={args.out}" if args.out != Path("docs/results_meta.md") else "",
+                               f"TASKS={args.tasks}" if args.tasks != PROTOCOL["tasks"] else "") if x)
+    root = "" if str(args.root) == "runs/results_meta" else f" {args.root}"
+    hand = "".join(f" --set {k}={v}" for k, v in common.items())
+    example = f"{args.root}/{backbones[0]}/leave_pendulum"
     lines += [
         "",
         "## Reproduce",
         "",
         "```bash",
-        *(f"scripts/results_meta.sh {b}        # 4 held-out systems, {args.tasks} tasks each, then this file" for b in backbones),
+        *(f"{env + ' ' if env else ''}scripts/results_meta.sh {b}{root}   # 4 held-out systems, then this file"
+          for b in backbones),
         "```",
         "",
         "One held-out system by hand (what the script runs for each):",
         "",
         "```bash",
-        f"metaham meta-train --config configs/meta_train_leave_pendulum.yaml --set model.backbone={backbones[0]} "
-        "--out runs/results_meta/" + backbones[0] + "/leave_pendulum",
-        f"metaham adapt --checkpoint runs/results_meta/{backbones[0]}/leave_pendulum --system pendulum "
-        f"--shots {args.shots} --steps {args.steps} --tasks {args.tasks} --plot adapt.png --json",
+        f"metaham meta-train --config configs/meta_train_leave_pendulum.yaml --set model.backbone={backbones[0]}{hand} "
+        f"--out {example}",
+        f"metaham adapt --checkpoint {example} --system pendulum --shots {args.shots} --steps {args.steps} "
+        f"--tasks {args.tasks} --plot adapt.png --json",
         "```",
         "",
     ]

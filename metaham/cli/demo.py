@@ -80,29 +80,31 @@ def _systems(out: Path) -> tuple[str, dict]:
     return summary, {"simulations": entries}
 
 
-# A small but real meta-training: the paper's split with pendulum held out, shrunk to fit a few minutes.
+# A small but real meta-training with mass_spring held out, shrunk to fit a few minutes. (The pendulum is
+# a poor demo target: plain SGD diverges on some pendulum tasks, see docs/results_meta.md.)
+_HELD_OUT = "mass_spring"
 _META_OVERRIDES = (
-    "train.outer_steps=300", "model.hidden=32", "tasks.tasks_per_system=200",
-    "train.validate_every=0", "train.checkpoint_every=100",
+    "train.outer_steps=800", "model.hidden=32", "tasks.tasks_per_system=100",
+    "train.validate_every=0", "train.checkpoint_every=200",
 )
 
 
 def _meta(out: Path) -> tuple[str, dict]:
-    """Meta-train (and pre-train) on mass_spring, henon_heiles, magnetic_mirror; adapt to the unseen pendulum."""
+    """Meta-train (and pre-train) on pendulum, henon_heiles, magnetic_mirror; adapt to the unseen mass_spring."""
     run_dir = out / "meta_run"
     sets = [arg for o in _META_OVERRIDES for arg in ("--set", o)]
     resume = ["--resume"] if (run_dir / "meta.pt").exists() else []
-    trained = _metaham("meta-train", "--config", _config("meta_train.yaml"), *sets, "--out", str(run_dir), *resume)
+    trained = _metaham("meta-train", "--config", _config(f"meta_train_leave_{_HELD_OUT}.yaml"), *sets, "--out", str(run_dir), *resume)
     adapted = _metaham(
-        "adapt", "--checkpoint", str(run_dir), "--system", "pendulum", "--shots", "50", "--steps", "10",
-        "--tasks", "10", "--seed", "0", "--plot", str(out / "adapt_pendulum.png"),
+        "adapt", "--checkpoint", str(run_dir), "--system", _HELD_OUT, "--shots", "50", "--steps", "10",
+        "--tasks", "10", "--seed", "0", "--plot", str(out / f"adapt_{_HELD_OUT}.png"),
     )
     rows = []
     for name, res in adapted["models"].items():
         curve = res["vf_mse"]
         rows.append([name, curve["0"], curve["1"], curve["5"], curve["10"], res["rollout_rel_err"], res["energy_rel_err"]])
     summary = (
-        "Few-shot adaptation to the held-out pendulum (K = 50 support points, plain SGD, 10 tasks); "
+        f"Few-shot adaptation to the held-out {_HELD_OUT} (K = 50 support points, plain SGD, 10 tasks); "
         "query vector-field MSE after n steps:\n"
         + table(rows, ["model", "0 steps", "1", "5", "10", "rollout rel. err", "energy rel. err"])
     )
