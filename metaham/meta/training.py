@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from metaham.hamiltonian import HamiltonianGNN, backbone_names
 from metaham.train import ConfigError, atomic_write_bytes, load_checkpoint, load_config, save_checkpoint
+from metaham.train.config import CONFIG_FILE, load_saved_config
 from tasks import Split, Task, TaskConfig, TaskDistribution, load_split
 from tasks.cache import derive_seed
 
@@ -58,7 +59,6 @@ from .pretrain import Pretrain
 LEARNERS = ("meta", "pretrained")
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "meta_train.yaml"
 CHECKPOINT_FORMAT = "metaham-meta-train"
-CONFIG_FILE = "config.yaml"
 
 SCHEMA: dict[str, Any] = {
     "split": None,  # a name, a path or a mapping: checked by _resolve_split
@@ -262,12 +262,7 @@ def prepare_run(run_dir: str | Path, config: dict[str, Any], resume: bool) -> di
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
     """The validated config saved in a run directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; is {run_dir} a meta-train run directory?")
-    config = load_config(SCHEMA, path)
-    validate_config(config, source=str(path))
-    return config
+    return load_saved_config(run_dir, SCHEMA, validate_config, 'meta-train')
 
 
 def _lookup(config: Mapping[str, Any], dotted: str) -> Any:

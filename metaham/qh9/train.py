@@ -47,6 +47,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from metaham.train import ConfigError, atomic_write_bytes, load_checkpoint, load_config, save_checkpoint
+from metaham.train.config import CONFIG_FILE, load_saved_config
 
 from .basis import normalize_basis
 from .dataset import MoleculeBatch, QH9Dataset, collate
@@ -55,7 +56,6 @@ from .model import QH9Model, build_model
 from .splits import SCHEMES, default_scheme, select
 
 CHECKPOINT_FORMAT = "metaham-qh9-model"
-CONFIG_FILE = "config.yaml"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "qh9.yaml"
 LOSSES = ("mae", "mse", "mae+mse")
 DECAYS = ("cosine", "linear", "none")
@@ -140,12 +140,7 @@ def _changed_keys(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") 
 
 def saved_config(run_dir: str | Path) -> dict[str, Any]:
     """The validated config saved in a run directory."""
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; is {run_dir} a `metaham qh9 train` run directory?")
-    config = load_config(SCHEMA, path)
-    validate_config(config, source=str(path))
-    return config
+    return load_saved_config(run_dir, SCHEMA, validate_config, '`metaham qh9 train`')
 
 
 def _prepare_run(run_dir: Path, config: dict[str, Any], resume: bool) -> dict[str, Any]:

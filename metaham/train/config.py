@@ -14,6 +14,10 @@ from typing import Any, Mapping
 import yaml
 
 
+# Where every run directory keeps its resolved config.
+CONFIG_FILE = "config.yaml"
+
+
 class ConfigError(ValueError):
     """A config file or override that does not match the schema; the message names the key."""
 
@@ -88,3 +92,14 @@ def _check_type(name: str, default: Any, value: Any, source: str) -> Any:
             f"{source}: key {name!r} must be {type(default).__name__} (like the default {default!r}), got {value!r}"
         )
     return value
+
+
+def load_saved_config(run_dir: str | Path, schema: Mapping[str, Any], validate, kind: str) -> dict[str, Any]:
+    """The config a run saved as ``RUN_DIR/config.yaml``, re-validated by ``validate(config, source=...)``;
+    ``kind`` names the command that makes such run directories (for the error message)."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; is {run_dir} a {kind} run directory?")
+    config = load_config(schema, path)
+    validate(config, source=str(path))
+    return config
