@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
 from pathlib import Path
+
+from metaham.atomic import atomic_output
 
 from ._common import (
     UsageError, add_device_flag, add_json_flag, add_plugin_flag, emit, get_system, load_plugins,
@@ -147,16 +147,8 @@ def _save_npz(path: str, **arrays) -> None:
     """``np.savez`` to a temporary file in the same folder, then rename: no half-written file on a crash."""
     import numpy as np
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:  # a file object: savez adds no ".npz"
+        np.savez(fh, **arrays)
 
 
 def _plot(path: str, system, method: str, t, q, p, energy) -> None:

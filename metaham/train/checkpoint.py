@@ -1,35 +1,18 @@
 """Checkpoints as plain dicts, written atomically and loaded with ``weights_only=True``.
 
-Atomic: the file is written beside its destination, flushed to disk and renamed over it, so an interrupted
-write never leaves a half-written checkpoint where a good one was. Plain: tensors, numbers, strings, lists
+Atomic (:mod:`metaham.atomic`): an interrupted write never leaves a half-written checkpoint where a good one
+was. Plain: tensors, numbers, strings, lists
 and dicts only, so that loading never unpickles arbitrary objects.
 """
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, fsync, rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from metaham.atomic import atomic_write_bytes
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
