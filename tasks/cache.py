@@ -57,3 +57,21 @@ def load_pool(path: Path, key: str) -> dict[str, Any] | None:
 
 def save_pool(path: Path, data: dict[str, Any]) -> None:
     save_checkpoint(data, path)
+
+
+def cache_files(cache_dir: Path | None = None, systems: list[str] | None = None) -> list[Path]:
+    """The pool files under ``cache_dir`` (default :func:`default_cache_dir`), optionally of some systems only,
+    sorted by name. Only files named as :func:`pool_path` names them are listed, so a cache folder shared with
+    other files never loses those."""
+    cache_dir = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    if not cache_dir.is_dir():
+        return []
+    files = [f for f in cache_dir.glob("*-*.pt") if f.is_file() and len(f.stem.rsplit("-", 1)[-1]) == 20]
+    if systems is not None:
+        files = [f for f in files if file_system(f) in systems]
+    return sorted(files)
+
+
+def file_system(path: Path) -> str:
+    """The system a pool file belongs to, read from its name."""
+    return path.stem.rsplit("-", 1)[0]

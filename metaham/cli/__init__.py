@@ -21,6 +21,7 @@ COMMANDS = {
     "adapt": "adapt",
     "qh9": "qh9",
     "bench": "bench",
+    "cache": "cache",
     "demo": "demo",
 }
 
