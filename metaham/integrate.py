@@ -12,9 +12,9 @@ Methods (``METHODS`` lists them):
   z1 = z0 + h f((z0 + z1) / 2) by fixed-point iteration. Works with learned (autograd) vector fields.
 * ``rk4`` -- classical Runge-Kutta, fixed step; accurate over short spans but drifts in energy.
 * ``dop853`` -- Hairer's DOP853 (Dormand-Prince 8(5,3) with its 7th-order dense output: the algorithm of
-  ``scipy.integrate.solve_ivp(method="DOP853")``), written here for batches, with a step size per trajectory
-  and a max-norm error per trajectory. The way to high-accuracy ground truth: float64, ``rtol = atol <=
-  1e-10``. It agrees with scipy's DOP853 to ~1e-11 at tolerance 1e-12, and ``metaham bench simulate``
+  ``scipy.integrate.solve_ivp(method="DOP853")``), written here for batches, with a step size and scipy's RMS
+  error norm per trajectory, so each trajectory takes scipy's steps (they agree to ~1e-13 even at tolerance
+  1e-7). The way to high-accuracy ground truth: float64, ``rtol = atol <= 1e-10``; ``metaham bench simulate``
   measures it against per-trajectory scipy.
 * ``dopri5``, ``dopri8`` -- adaptive Dormand-Prince from torchdiffeq, with two of its defaults changed: (1) the
   solver steps onto every save time (``step_t``), because torchdiffeq reads states between steps off a
@@ -66,7 +66,8 @@ def odeint_hamiltonian(
         method: one of :data:`METHODS`.
         step: largest step for fixed-step methods (default: the spacing of ``t``); each interval of ``t`` is
             split into equal sub-steps no longer than ``step``. Ignored by the adaptive methods.
-        rtol, atol: tolerances of the adaptive methods (per element, max norm).
+        rtol, atol: tolerances of the adaptive methods (dop853: scipy's RMS norm per trajectory; dopri5, dopri8:
+            max over all elements).
         fixed_point_tol: convergence threshold of implicit midpoint (default: 1e-13 in float64, 1e-6 in float32).
         max_fixed_point_iters: implicit midpoint raises ``RuntimeError`` when a step needs more iterations.
         rows_field: optional, for ``dop853`` with a 1-D batch: ``rows_field(rows)`` returns the vector field of
@@ -205,169 +206,266 @@ class _Dop853:
 
     Every row (trajectory) keeps its own time, step size and accept/reject decision, so a stiff row (a close
     encounter, a bounce off a wall) does not force small steps on the others. Each iteration advances every
-    unfinished row by one attempted step. Save times come from the 7th-order dense output, so steps are not
-    cut at save times. The error of a row is the max over its elements (rtol, atol per element).
+    unfinished row by one attempted step. The error of a row is Hairer's combined 5th/3rd-order estimate with
+    RMS norms over the row's elements, exactly as scipy computes it for one trajectory, so each row takes the
+    steps scipy's DOP853 would take for it alone (up to rounding).
+
+    Save times come from the 7th-order dense output, so steps are not cut at save times; and they are written
+    out in bulk rather than per step: each iteration only records its steps (start, end, the two states, the
+    interpolant's stage combinations), and every few MB of records one vectorised pass finds the step that
+    holds each save time of each row and evaluates the interpolant there. At a thousand rows the cost of an
+    iteration is the fixed cost of its tensor operations, not their arithmetic, so the loop is written for few
+    operations: one matrix-vector product per stage, preallocated stage buffers, no per-step save logic.
 
     When ``rows_field(rows)`` can build the vector field of a subset of rows, finished rows leave the working
-    batch, so the cost follows the average row rather than the slowest one.
+    batch once they are half of it, so the cost follows the average row rather than the slowest one.
 
-    Layout: the state is ``y`` of shape ``(2, rows, width)`` (q and p of each row flattened), so q and p reach
-    the vector field as contiguous tensors; stage derivatives ``k`` are ``(16, 2, rows, width)``.
+    Layout: the state is ``y`` of shape ``(2, *batch, *tail)`` (q and p), so q and p reach the vector field as
+    contiguous tensors; ``.view(2, rows, width)`` gives the per-row view. Stage derivatives ``k`` are
+    ``(16, 2, *batch, *tail)``. Not differentiable (the stage buffers are written with ``out=``).
     """
+
+    _RECORD_BUDGET = 1 << 22  # recorded elements (8 per state element per step) before save times are written
 
     def __init__(self, f: VectorField, rows_field, q0: Tensor, p0: Tensor, t: Tensor, rtol: float, atol: float):
         from scipy.integrate._ivp import dop853_coefficients as tab
 
         self.rtol, self.atol, self.t = rtol, atol, t
         self.batch_shape, self.tail = tuple(q0.shape[: q0.ndim - 2]), tuple(q0.shape[q0.ndim - 2 :])
-        self.n_rows = math.prod(self.batch_shape)
+        self.n_rows, self.width = math.prod(self.batch_shape), math.prod(self.tail)
         if len(self.batch_shape) != 1:
             rows_field = None  # row subsets are defined for a flat batch only
         self.f, self.rows_field = f, rows_field
         dev = dict(dtype=q0.dtype, device=q0.device)
         a = torch.as_tensor(tab.A, **dev)
         self.a_rows = [a[s, :s].contiguous() for s in range(a.shape[0])]  # stage s combines k_0 .. k_{s-1}
-        self.b, self.d = torch.as_tensor(tab.B, **dev), torch.as_tensor(tab.D, **dev)
+        self.b = torch.as_tensor(tab.B, **dev)
         self.e53 = torch.as_tensor(np.stack([tab.E5, tab.E3]), **dev)  # both error estimates in one product
+        # What the dense output needs from the stages, in one product: k_0, k_12 and the rows of D.
+        dense = np.zeros((6, tab.N_STAGES_EXTENDED))
+        dense[0, 0], dense[1, tab.N_STAGES], dense[2:] = 1.0, 1.0, tab.D
+        self.dense = torch.as_tensor(dense, **dev)
+        self.power_basis = torch.as_tensor(_dense_power_basis(), **dev)
         self.n_stages, self.n_extended = tab.N_STAGES, tab.N_STAGES_EXTENDED
-        self.y0 = torch.stack([q0.reshape(self.n_rows, -1), p0.reshape(self.n_rows, -1)])
+        self.y0 = torch.stack([q0, p0]).contiguous()
+        self.factor_min, self.factor_max, self.factor_one = (torch.tensor(v, **dev) for v in (0.2, 10.0, 1.0))
 
     def solve(self) -> tuple[Tensor, Tensor]:
-        # Results are gathered row-major, out[row * T + time] = (q, p) flattened, so that writing the save
-        # times of a step is one index_copy_ of contiguous rows.
-        n_t, (_, n_rows, width) = self.t.numel(), self.y0.shape
-        out = self.y0.new_empty(n_rows * n_t, 2 * width)
-        out.view(n_rows, n_t, 2, width)[:, 0] = self.y0.transpose(0, 1)
+        n_t, n_rows, width = self.t.numel(), self.n_rows, self.width
+        # Row time * rows + row holds (q, p) flattened; the last row is a spare for _write_saves.
+        out = self.y0.new_empty(n_t * n_rows + 1, 2 * width)
+        out[:n_rows] = self.y0.view(2, n_rows, width).transpose(0, 1).reshape(n_rows, 2 * width)
         if n_t > 1:
             self._integrate(out)
-        states = out.view(n_rows, n_t, 2, width).permute(2, 1, 0, 3)  # (2, T, rows, width)
+        states = out[:-1].view(n_t, n_rows, 2, width).permute(2, 0, 1, 3)  # (2, T, rows, width)
         shape = (n_t,) + self.batch_shape + self.tail
         return states[0].reshape(shape), states[1].reshape(shape)
 
-    def _rhs(self, f: VectorField, y: Tensor, out: Tensor) -> None:
-        """Write f(y) into ``out`` (2, rows, width) with one stack."""
-        rows = y.shape[1]
-        shape = ((rows,) if self.rows_field is not None else self.batch_shape) + self.tail
-        dq, dp = f(y[0].view(shape), y[1].view(shape))
-        torch.stack([dq.reshape(rows, -1), dp.reshape(rows, -1)], out=out)
-
-    @staticmethod
-    def _combine(coef: Tensor, k: Tensor) -> Tensor:
-        """sum_s coef[..., s] k[s] as one matrix product (``coef`` of shape ``(s,)`` or ``(c, s)``)."""
-        s = coef.shape[-1]
-        return (coef @ k[:s].view(s, -1)).view(coef.shape[:-1] + k.shape[1:])
-
-    def _stage(self, f: VectorField, k: Tensor, y: Tensor, h_full: Tensor, s: int) -> None:
-        # k[s] = f(y + h sum_j a_sj k_j), with each row's own step size (h_full: h broadcast to y's shape).
-        self._rhs(f, torch.addcmul(y, h_full, self._combine(self.a_rows[s], k)), k[s])
-
     def _integrate(self, out: Tensor) -> None:
-        times, n_t = self.t, self.t.numel()
+        times = self.t
         t_end = float(times[-1])
+        tiny = 16 * torch.finfo(out.dtype).eps * max(1.0, abs(t_end))
         rows = torch.arange(self.n_rows, device=out.device)  # original row of each working row
-        f = self.f if self.rows_field is None else self.rows_field(rows)
-        y = self.y0.clone()
-        k = y.new_empty(self.n_extended, *y.shape)
-        self._rhs(f, y, k[0])
+        f, y = self.f, self.y0
+        work = _Dop853Buffers(y, self.n_rows, self.n_stages, self.n_extended)
+        _evaluate(f, y, work.slots[0])
         now = times.new_full((self.n_rows,), float(times[0]))
-        h = self._initial_step(f, y, k[0], t_end - float(times[0]))
-        next_save = torch.ones(self.n_rows, dtype=torch.long, device=out.device)
-        rejected = torch.zeros(self.n_rows, dtype=torch.bool, device=out.device)
-        tiny = 16 * torch.finfo(y.dtype).eps * max(1.0, abs(t_end))
-        while rows.numel():
+        h = self._initial_step(f, y, work.slots[0], t_end - float(times[0]))
+        cap = torch.full_like(h, 10.0)  # largest growth factor: 1 right after a rejection, as in scipy
+        records: list[tuple] = []
+        recorded = 0
+        while True:
+            n_work = rows.numel()
             remaining = t_end - now
             to_end = h >= remaining
             h = torch.where(to_end, remaining, h)
-            if bool(((h <= tiny) & (remaining > 0)).any()):
-                raise RuntimeError(f"dop853: step size underflow (the problem is too stiff for rtol={self.rtol})")
-            h_full = h.view(1, -1, 1).expand_as(y).contiguous()
+            work.spread(h, out=work.h_q)
+            work.h_p.copy_(work.h_q)
+            y_flat = y.view(-1)
             for s in range(1, self.n_stages):
-                self._stage(f, k, y, h_full, s)
-            y_new = torch.addcmul(y, h_full, self._combine(self.b, k))
-            self._rhs(f, y_new, k[self.n_stages])
-            ratio = self._error_ratio(k, h, y, y_new)
-            if not bool(torch.isfinite(ratio).all()):
-                raise RuntimeError("dop853: the state became non-finite (an unbounded orbit or a singular field?)")
+                work.stage(f, y_flat, self.a_rows[s], s)
+            y_new = torch.addcmul(y_flat, work.h_flat, torch.mv(work.prefix_t[self.n_stages], self.b)).view(y.shape)
+            _evaluate(f, y_new, work.slots[self.n_stages])  # first same as last: k_0 of the next step
+            for s in range(self.n_stages + 1, self.n_extended):
+                work.stage(f, y_flat, self.a_rows[s], s)
+            y_rows, y_new_rows = y.view(2, n_work, -1), y_new.view(2, n_work, -1)
+            ratio = self._error_ratio(work, h, y_rows, y_new_rows)
             accept = ratio <= 1
-            t_new = torch.where(to_end, torch.full_like(now, t_end), now + h)
-            due = torch.searchsorted(times, t_new, right=True) - next_save  # save times inside this step
-            due = torch.where(accept, due.clamp(min=0), torch.zeros_like(due))
-            if bool(due.any()):
-                self._save(out, f, k, y, y_new, h, h_full, now, due, rows, next_save)
-                next_save += due
-            # Step-size control as in scipy's DOP853: grow at most 10x after an accepted step and not at all
-            # right after a rejection; shrink at most 5x after a rejection.
-            scaled = 0.9 * ratio.clamp_min(1e-300) ** (-1 / 8)
-            grow = torch.where(ratio == 0, torch.full_like(ratio, 10.0), scaled.clamp(max=10.0))
-            grow = torch.where(rejected, grow.clamp(max=1.0), grow)
-            h = h * torch.where(accept, grow, scaled.clamp(min=0.2))
-            keep_new = accept.view(1, -1, 1)
-            y = torch.where(keep_new, y_new, y)
-            k[0] = torch.where(keep_new, k[self.n_stages], k[0])  # first same as last
+            t_new = torch.where(to_end, t_end, now + h)
+            records.append((rows, now, t_new, h, accept, y_rows, y_new_rows, torch.mm(self.dense, work.flat)))
+            recorded += 8 * y_flat.numel()
+            # Step-size control as in scipy's DOP853: factor 0.9 ratio^(-1/8), at most 10 (1 right after a
+            # rejection), at least 0.2. An accepted step has factor >= 0.9 and a rejected one < 0.9, so one clamp
+            # serves both (ratio 0 gives inf, clamped to the cap; a NaN stays NaN and is caught below).
+            factor = torch.clamp(ratio.pow(-1 / 8).mul_(0.9), self.factor_min, cap)
+            cap = torch.where(accept, self.factor_max, self.factor_one)
+            h = h * factor
+            keep_new = work.spread(accept.to(h.dtype)).bool()  # (rows, width): see _Dop853Buffers.spread
+            y = torch.where(keep_new, y_new_rows, y_rows).view(y.shape)
+            torch.where(keep_new, work.last_rows, work.first_rows, out=work.first_rows)
             now = torch.where(accept, t_new, now)
-            rejected = ~accept
-            done = next_save >= n_t
-            if bool(done.any()):
-                if bool(done.all()):
-                    return
-                if self.rows_field is not None:
-                    keep = ~done
-                    rows, y, k, now, h = rows[keep], y[:, keep], k[:, :, keep], now[keep], h[keep]
-                    next_save, rejected = next_save[keep], rejected[keep]
+            finished = now >= t_end
+            smallest = float(torch.where(finished, math.inf, h).amin())  # one sync per iteration for all checks
+            if not smallest > tiny:
+                if math.isnan(smallest):
+                    raise RuntimeError("dop853: the state became non-finite (an unbounded orbit or a singular field?)")
+                raise RuntimeError(f"dop853: step size underflow (the problem is too stiff for rtol={self.rtol})")
+            if smallest == math.inf:
+                break
+            if recorded >= self._RECORD_BUDGET:
+                self._write_saves(out, records)
+                records, recorded = [], 0
+            if self.rows_field is not None:
+                n_finished = int(finished.sum())
+                if 2 * n_finished >= n_work:  # compact: worth its handful of operations once half are done
+                    keep = (~finished).nonzero().squeeze(1)
+                    rows, now, h, cap = rows[keep], now[keep], h[keep], cap[keep]
+                    k0 = work.rows(0)[:, keep]
+                    y = y.view(2, n_work, -1)[:, keep].reshape((2, keep.numel()) + self.tail)
+                    work = _Dop853Buffers(y, keep.numel(), self.n_stages, self.n_extended)
+                    work.slots[0].copy_(k0.view(y.shape))
                     f = self.rows_field(rows)
-                else:
-                    h = torch.where(done, torch.zeros_like(h), h)  # finished rows idle in place
+        self._write_saves(out, records)
 
-    def _error_ratio(self, k: Tensor, h: Tensor, y: Tensor, y_new: Tensor) -> Tensor:
-        # Hairer's combined 5th/3rd-order estimate per element, then the max over each row's elements.
-        scale = self.atol + self.rtol * torch.maximum(y.abs(), y_new.abs())
-        err5, err3 = (self._combine(self.e53, k) / scale).unbind(0)
-        denom = torch.sqrt(err5**2 + 0.01 * err3**2)
-        per_element = err5**2 / torch.where(denom > 0, denom, torch.ones_like(denom))
-        return h.abs() * per_element.amax(dim=2).amax(dim=0)
+    def _error_ratio(self, work: "_Dop853Buffers", h: Tensor, y: Tensor, y_new: Tensor) -> Tensor:
+        """Per row, as scipy's DOP853: h |err5|^2 / sqrt(n (|err5|^2 + 0.01 |err3|^2)), |.| the Euclidean norm
+        over the row's n elements, each error scaled by atol + rtol max(|y|, |y_new|)."""
+        scale = torch.maximum(y.abs(), y_new.abs()).mul_(self.rtol).add_(self.atol)  # (2, rows, width)
+        err = torch.mm(self.e53, work.error_stages).view((2,) + y.shape).div_(scale).square_()
+        # Sum over q and p (an outer dimension), then over the row's width as a product with ones (a reduction
+        # over a short inner dimension is ~10x slower per element in torch on CPU).
+        err5, err3 = torch.mv(err.sum(dim=1).view(-1, y.shape[2]), work.ones).view(2, -1).unbind(0)
+        denom = torch.add(err5, err3, alpha=0.01).mul_(2 * y.shape[2]).sqrt_().clamp_min_(torch.finfo(y.dtype).tiny)
+        return h * err5 / denom
 
-    def _save(self, out, f, k, y, y_new, h, h_full, now, due, rows, next_save) -> None:
-        """Write the dense output at every save time inside each accepted step (``due`` of them per row).
+    def _write_saves(self, out: Tensor, records: list[tuple]) -> None:
+        """Write the dense output at every save time that lies in a recorded accepted step.
 
-        Hairer's interpolant y(x) = y0 + x (F0 + (1-x) (F1 + x (F2 + ... (F5 + x F6)))), x in [0, 1], is
-        expanded into weights w_i(x), so that the due save times of every row (at most ``due.max()`` of them)
-        are evaluated by one batched product ``(rows, slots, 7) @ (rows, 7, 2 width)``.
+        A save time t_j belongs to the step (t0, t1] that holds it (t_0 is the initial state). Each step's
+        interpolant is first turned into its 8 coefficients in powers of x = (t_j - t0) / h (one product for all
+        steps, see :func:`_dense_power_basis`). Then slot s = 0, 1, ... evaluates, for every step at once, the
+        s-th save time inside it by Horner's rule, steps along the last, contiguous dimension: a plain
+        vectorised loop (gathering coefficients per (row, save time) pair instead costs ~5x more). Steps with
+        fewer save times write slot s to a spare column of ``out``; once under a quarter of the steps have an
+        s-th save time, the others are dropped, so the work stays within 4x the number of saved states.
+
+        ``out``: ``(T * rows + 1, 2 width)``; row ``j * rows + row`` holds (q, p) at t_j, the last is the spare.
+        Time-major, because the steps of one iteration cover similar times: the writes stay close together.
         """
-        for s in range(self.n_stages + 1, self.n_extended):
-            self._stage(f, k, y, h_full, s)
-        delta = y_new - y
-        first = torch.stack([delta, h_full * k[0] - delta, 2 * delta - h_full * (k[self.n_stages] + k[0])])
-        coeffs = torch.cat([first, h_full * self._combine(self.d, k)])  # (7, 2, rows, width)
-        n_rows, width2 = y.shape[1], 2 * y.shape[2]
-        offsets = torch.arange(int(due.max()), device=due.device)
-        slot = offsets[None, :] < due[:, None]  # (rows, slots): which slots hold a due save time
-        index = (next_save[:, None] + offsets[None, :]).clamp(max=self.t.numel() - 1)
-        x = (self.t[index] - now[:, None]) / torch.where(h > 0, h, torch.ones_like(h))[:, None]
-        xv = x * (1 - x)
-        xv2 = xv * xv
-        weights = torch.stack([x, xv, x * xv, xv2, x * xv2, xv2 * xv, x * xv2 * xv], dim=-1)  # (rows, slots, 7)
-        per_row = coeffs.permute(2, 0, 1, 3).reshape(n_rows, -1, width2)  # (rows, 7, 2 width)
-        start = y.permute(1, 0, 2).reshape(n_rows, 1, width2)
-        values = torch.baddbmm(start, weights, per_row)[slot]  # (due pairs, 2 width)
-        owner = rows[:, None].expand_as(slot)[slot]
-        out.index_copy_(0, owner * self.t.numel() + index[slot], values)
+        if not records:
+            return
+        fields = list(zip(*records))
+        rows, t0, t1, h, accept = (torch.cat(part) for part in fields[:5])
+        states = torch.stack([torch.cat(fields[5], dim=1), torch.cat(fields[6], dim=1)])  # (2, 2, steps, width)
+        dense = torch.cat([d.view(6, 2, -1, self.width) for d in fields[7]], dim=2)  # (6, 2, steps, width)
+        dense.mul_(h.view(1, 1, -1, 1))  # h k_0, h k_12, h D K
+        record = torch.cat([states, dense])  # (8, 2, steps, width)
+        coeffs = (self.power_basis @ record.view(8, -1)).view(record.shape).transpose(2, 3)
+        coeffs = coeffs.reshape(8, 2 * self.width, -1)  # (power, 2 width, steps)
+        times, n_t, spare = self.t, self.t.numel(), out.shape[0] - 1
+        first = torch.searchsorted(times, t0, right=True)
+        count = torch.where(accept, torch.searchsorted(times, t1, right=True) - first, 0)
+        column = first * self.n_rows + rows
+        for slot in range(int(count.max())):
+            has = count > slot
+            n_has = int(has.sum())
+            if 4 * n_has < has.numel():
+                keep = has.nonzero().squeeze(1)
+                coeffs, count, column, first, t0, h, has = (
+                    coeffs[:, :, keep], count[keep], column[keep], first[keep], t0[keep], h[keep], has[keep]
+                )
+            x = (times[(first + slot).clamp_(max=n_t - 1)] - t0) / h
+            value = coeffs[7]
+            for power in range(6, -1, -1):
+                value = torch.addcmul(coeffs[power], value, x)
+            out.index_copy_(0, torch.where(has, column + slot * self.n_rows, spare), value.t())
 
     def _initial_step(self, f: VectorField, y: Tensor, f0: Tensor, span: float) -> Tensor:
         # Hairer's starting-step heuristic (Solving ODEs I, sec. II.4) for the 7th-order error estimator, per row,
-        # with max norms.
-        def row_max(x: Tensor) -> Tensor:
-            return x.abs().amax(dim=2).amax(dim=0)
+        # with RMS norms, as scipy's select_initial_step.
+        n_work = f0.numel() // (2 * self.width)
+
+        def row_rms(x: Tensor) -> Tensor:
+            return x.reshape(2, n_work, -1).square().mean(dim=(0, 2)).sqrt()
 
         scale = self.atol + self.rtol * y.abs()
-        d0, d1 = row_max(y / scale), row_max(f0 / scale)
+        d0, d1 = row_rms(y / scale), row_rms(f0 / scale)
         h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1.clamp_min(1e-300))
         h0 = h0.clamp(max=span)
         f1 = torch.empty_like(f0)
-        self._rhs(f, y + h0.view(1, -1, 1) * f0, f1)
-        d2 = row_max((f1 - f0) / scale) / h0
+        step = h0.view(1, -1, 1)
+        _evaluate(f, (y.view(2, n_work, -1) + step * f0.view(2, n_work, -1)).view(y.shape), f1)
+        d2 = row_rms((f1 - f0) / scale) / h0
         big = torch.maximum(d1, d2)
         h1 = torch.where(big <= 1e-15, (h0 * 1e-3).clamp_min(1e-6), (0.01 / big.clamp_min(1e-300)) ** (1 / 8))
         return torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h0, span))
+
+
+def _dense_power_basis() -> np.ndarray:
+    """The ``(8, 8)`` matrix taking a step's record (y0, y1, h k_0, h k_12, h (D K)_0..3) to the coefficients of
+    x^0 .. x^7 of DOP853's dense output (Hairer's form, as in scipy's ``Dop853DenseOutput``):
+
+    y(x) = y0 + x (F0 + (1-x) (F1 + x (F2 + (1-x) (F3 + x (F4 + (1-x) (F5 + x F6)))))),
+    F0 = y1 - y0, F1 = h k_0 - F0, F2 = 2 F0 - h (k_0 + k_12), F3..F6 = h (D K)_0..3.
+    """
+    r = np.eye(8)  # r[i]: record component i
+    f0 = r[1] - r[0]
+    terms = [f0, r[2] - f0, 2 * f0 - r[2] - r[3], r[4], r[5], r[6], r[7]]
+    poly = np.zeros((8, 8))  # poly[power, component]
+    poly[0] = terms[6]
+    for i, term in zip(range(5, -1, -1), reversed(terms[:6])):
+        shifted = np.roll(poly, 1, axis=0)  # x * poly (the top power stays zero: the degree is at most 7)
+        poly = shifted if i % 2 == 1 else poly - shifted  # F5 takes x, F4 takes 1 - x, ...
+        poly[0] += term
+    poly = np.roll(poly, 1, axis=0)  # y = y0 + x * poly
+    poly[0] += r[0]
+    return poly
+
+
+def _evaluate(f: VectorField, y: Tensor, out: Tensor) -> None:
+    """Write f at the state ``y`` (2, *batch, *tail) into ``out`` (same shape)."""
+    dq, dp = f(y[0], y[1])
+    torch.stack([dq, dp], out=out)
+
+
+class _Dop853Buffers:
+    """The stage buffers of one working batch and the views the inner loop reuses (a view costs about as much
+    as a small kernel, so they are made once per batch, not once per stage).
+
+    ``k``: ``(16, 2, *batch, *tail)`` stage derivatives, zero-initialised; ``z``: the stage input, same shape
+    as the state; ``h_flat``: each row's step size repeated over the row's elements of q (``h_q``) and p
+    (``h_p``), flattened like ``z``.
+    """
+
+    def __init__(self, y: Tensor, n_rows: int, n_stages: int, n_extended: int) -> None:
+        self.k = y.new_zeros((n_extended,) + tuple(y.shape))
+        self.flat = self.k.view(n_extended, -1)
+        self.prefix_t = [self.flat[:s].t() for s in range(n_extended + 1)]  # stage s combines k_0 .. k_{s-1}
+        self.slots = list(self.k.unbind(0))
+        self.error_stages = self.flat[: n_stages + 1]  # k_0 .. k_12: the stages and the first-same-as-last
+        self.n_rows, self.width = n_rows, y[0].numel() // n_rows
+        self.z = torch.empty_like(y)
+        self.z_flat, (self.zq, self.zp) = self.z.view(-1), self.z.unbind(0)
+        self.h_flat = torch.empty_like(self.z_flat)
+        self.h_q, self.h_p = self.h_flat.view(2, n_rows, self.width).unbind(0)
+        self.first_rows, self.last_rows = self.rows(0), self.rows(n_stages)  # k_0 and k_12
+        self.ones = y.new_ones(self.width)
+
+    def spread(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """A per-row ``x`` (rows,) repeated over the row's elements, ``(rows, width)``: an outer product with
+        ones, because broadcasting ``(1, rows, 1)`` against ``(2, rows, width)`` runs ~4x slower in torch on CPU
+        (a short, strided inner loop) than operands whose only broadcast axis is the outer one."""
+        return torch.outer(x, self.ones) if out is None else torch.outer(x, self.ones, out=out)
+
+    def rows(self, s: int) -> Tensor:
+        """Stage derivative ``s`` as ``(2, rows, width)``."""
+        return self.slots[s].view(2, self.n_rows, self.width)
+
+    def stage(self, f: VectorField, y_flat: Tensor, a_row: Tensor, s: int) -> None:
+        """k_s = f(y + h sum_j a_sj k_j): one matrix-vector product, one fused multiply-add, one field call."""
+        torch.addcmul(y_flat, self.h_flat, torch.mv(self.prefix_t[s], a_row), out=self.z_flat)
+        dq, dp = f(self.zq, self.zp)
+        torch.stack([dq, dp], out=self.slots[s])
 
 
 def simulate(system, params: dict, q0: Tensor, p0: Tensor, t: Tensor, method: str | None = None, **kwargs):
@@ -383,9 +481,8 @@ def simulate(system, params: dict, q0: Tensor, p0: Tensor, t: Tensor, method: st
     n_rows = q0.shape[0] if q0.ndim == 3 else None
 
     def rows_field(rows: Tensor) -> VectorField:
-        sub = {k: v[rows] if v.ndim and v.shape[0] == n_rows else v for k, v in params.items()}
-        return lambda q, p: system.vector_field(q, p, sub)
+        return system.field({k: v[rows] if v.ndim and v.shape[0] == n_rows else v for k, v in params.items()})
 
     if method == "dop853" and n_rows is not None:
         kwargs.setdefault("rows_field", rows_field)
-    return odeint_hamiltonian(lambda q, p: system.vector_field(q, p, params), q0, p0, t, method=method, **kwargs)
+    return odeint_hamiltonian(system.field(params), q0, p0, t, method=method, **kwargs)

@@ -45,10 +45,19 @@ class HenonHeiles(System):
         return (p[..., 0, :] ** 2).sum(-1) / 2 + self.potential(q, params["lam"])
 
     def vector_field(self, q, p, params):
-        lam = params["lam"]
-        x, y = q[..., 0, 0], q[..., 0, 1]
-        dp = torch.stack([-x - 2 * lam * x * y, -y - lam * (x**2 - y**2)], dim=-1)[..., None, :]
-        return p, dp
+        return self.field(params)(q, p)
+
+    def field(self, params):
+        """dq/dt = p, dp/dt = -(x + 2 lam x y, y + lam (x^2 - y^2)), in few tensor operations per call."""
+        lam = params["lam"][..., None]  # shaped (..., 1) like x and y below
+        lam2 = 2 * lam
+
+        def f(q, p):
+            x, y = q.unbind(-1)  # (..., 1) each
+            x2_y2 = torch.addcmul(x * x, y, y, value=-1)
+            return p, -torch.stack([torch.addcmul(x, lam2, x * y), torch.addcmul(y, lam, x2_y2)], dim=-1)
+
+        return f
 
     def sample_initial_state(self, params, generator):
         """E = f/(6 lam^2), f ~ U[0.1, 0.8]; q uniform in {V < E} inside the well; p isotropic, |p| = sqrt(2(E-V))."""

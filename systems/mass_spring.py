@@ -12,7 +12,7 @@ import math
 import torch
 
 from . import register
-from .base import Param, System, sampling_frame, surplus_pad, uniform
+from .base import Param, System, sampling_frame, surplus_axis, surplus_pad, uniform
 
 
 @register
@@ -36,8 +36,14 @@ class MassSpring(System):
         return p[..., 0, 0] ** 2 / (2 * m) + k * q[..., 0, 0] ** 2 / 2
 
     def vector_field(self, q, p, params):
-        m, k = params["m"], params["k"]
-        return surplus_pad(p[..., 0, 0] / m), surplus_pad(-k * q[..., 0, 0])
+        return self.field(params)(q, p)
+
+    def field(self, params):
+        """dq/dt = p / m, dp/dt = -k q on the live coordinate, 0 on the surplus one (two products per call)."""
+        axis = surplus_axis(params)
+        velocity = axis / params["m"][..., None, None]
+        spring = axis * -params["k"][..., None, None]
+        return lambda q, p: (p * velocity, q * spring)
 
     def sample_initial_state(self, params, generator):
         """E ~ U[0.2, 1], phase ~ U[0, 2 pi): q = sqrt(2E/k) cos(phase), p = sqrt(2Em) sin(phase)."""

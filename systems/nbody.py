@@ -33,7 +33,7 @@ import math
 import torch
 
 from . import register
-from .base import Param, System, edge_incidence, sampling_frame, uniform
+from .base import Param, System, edge_incidence, pair_operators, sampling_frame, uniform
 
 
 class NBody(System):
@@ -103,10 +103,31 @@ class NBody(System):
         return kinetic - (gmm * torch.rsqrt(dist2)).sum(-1)
 
     def vector_field(self, q, p, params):
-        m, dx, dy, dist2, gmm = self._pair_terms(q, params)
-        w = gmm * torch.rsqrt(dist2) / dist2
-        back = self._pairs(q)[3]  # force on i from pair (i, j) is -w (q_i - q_j); on j the opposite
-        return p / m[..., None], torch.stack([(w * dx) @ back, (w * dy) @ back], dim=-1)
+        return self.field(params)(q, p)
+
+    def field(self, params):
+        """Masses, G m_i m_j and 1/m once; per call a handful of small matrix products on the flattened
+        coordinates (see :func:`systems.base.pair_operators`): few and cheap tensor operations, which is what
+        batched integration pays for."""
+        m = self.masses(params)
+        i, j, _, _ = self._pairs(m)
+        minus_gmm = -params["G"][..., None] * m.index_select(-1, i) * m.index_select(-1, j)
+        velocity = (1 / m)[..., None].expand(*m.shape, self.dim).contiguous()  # full shape: see per_coordinate
+
+        def f(q, p):
+            diff, norm2, spread = self._operators(q)
+            d = q.flatten(-2) @ diff  # (..., 2 P): q_i - q_j per pair
+            dist2 = (d * d) @ norm2
+            weight = minus_gmm * torch.rsqrt(dist2) / dist2  # -G m_i m_j / |q_i - q_j|^3
+            return p * velocity, ((weight @ spread) * d @ diff.mT).unflatten(-1, (-1, 2))
+
+        return f
+
+    def _operators(self, like: torch.Tensor):
+        key = ("operators", like.device, like.dtype)
+        if key not in self._pair_cache:
+            self._pair_cache[key] = pair_operators(self.edges(), self.n_particles, like)
+        return self._pair_cache[key]
 
     def sample_initial_state(self, params, generator):
         """Regular N-gon of radius r ~ U[radius_range], circular speeds times noise, zero total momentum;

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import Param, System, sampling_frame, surplus_pad, uniform
+from .base import Param, System, sampling_frame, surplus_axis, surplus_pad, uniform
 
 
 @register
@@ -42,8 +42,15 @@ class Pendulum(System):
         return p[..., 0, 0] ** 2 / (2 * m * l**2) + m * g * l * (1 - torch.cos(q[..., 0, 0]))
 
     def vector_field(self, q, p, params):
+        return self.field(params)(q, p)
+
+    def field(self, params):
+        """dq/dt = p / (m l^2), dp/dt = -m g l sin q on the live coordinate, 0 on the surplus one."""
         m, l, g = params["m"], params["l"], params["g"]
-        return surplus_pad(p[..., 0, 0] / (m * l**2)), surplus_pad(-m * g * l * torch.sin(q[..., 0, 0]))
+        axis = surplus_axis(params)
+        velocity = axis / (m * l**2)[..., None, None]
+        torque = axis * (-m * g * l)[..., None, None]
+        return lambda q, p: (p * velocity, torch.sin(q) * torque)
 
     def sample_initial_state(self, params, generator):
         """E = f * 2 m g l with f ~ U[0.1, 0.8]; angle uniform between the turning points; random sign of p."""

@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import register
-from .base import Param, System, edge_incidence, random_direction, sampling_frame, uniform
+from .base import Param, System, pair_operators, random_direction, sampling_frame, uniform
 
 
 class SpringChain(System):
@@ -45,16 +45,16 @@ class SpringChain(System):
         self.name = name or f"spring_chain_{n}"
         self.n_particles = n
         self.dof = 2 * n
-        self._incidence_cache: dict = {}
+        self._operator_cache: dict = {}
 
     def edges(self) -> list[tuple[int, int]]:
         return [(i, i + 1) for i in range(self.n_particles - 1)]
 
-    def _incidence(self, like: torch.Tensor) -> torch.Tensor:
+    def _operators(self, like: torch.Tensor):
         key = (like.device, like.dtype)
-        if key not in self._incidence_cache:
-            self._incidence_cache[key] = edge_incidence(self.edges(), self.n_particles, like)
-        return self._incidence_cache[key]
+        if key not in self._operator_cache:
+            self._operator_cache[key] = pair_operators(self.edges(), self.n_particles, like)
+        return self._operator_cache[key]
 
     def _stretch(self, q, params):
         d = q[..., :-1, :] - q[..., 1:, :]  # (*batch, N-1, dim), q_i - q_{i+1}
@@ -67,10 +67,24 @@ class SpringChain(System):
         return kinetic + params["k"] * (stretch**2).sum(-1) / 2
 
     def vector_field(self, q, p, params):
-        d, length, stretch = self._stretch(q, params)
-        pull = -(params["k"][..., None] * stretch / length)[..., None] * d  # force on i; i + 1 feels -pull
-        dp = torch.einsum("ne,...ed->...nd", self._incidence(q), pull)
-        return p / params["m"][..., None, None], dp
+        return self.field(params)(q, p)
+
+    def field(self, params):
+        """Per call: spring vectors d_e = q_i - q_{i+1}, their lengths and the forces back on the particles are
+        small matrix products on the flattened coordinates (see :func:`systems.base.pair_operators`), with
+        -k (|d| - l0) / |d| = k (l0 / |d| - 1)."""
+        n_springs = self.n_particles - 1  # full shapes, not (..., 1): see per_coordinate
+        k, l0 = params["k"], params["l0"]
+        minus_k, k_l0 = (x[..., None].expand(*x.shape, n_springs).contiguous() for x in (-k, k * l0))
+        velocity = self.per_coordinate(1 / params["m"])
+
+        def f(q, p):
+            diff, norm2, spread = self._operators(q)
+            d = q.flatten(-2) @ diff  # (..., 2 E)
+            coef = torch.addcmul(minus_k, k_l0, torch.rsqrt((d * d) @ norm2))  # k (l0 / |d| - 1)
+            return p * velocity, ((coef @ spread) * d @ diff.mT).unflatten(-1, (-1, 2))
+
+        return f
 
     def sample_initial_state(self, params, generator):
         """E = f k l0^2/2, f ~ U[0.05, 0.3]: straight chain plus small displacements, the rest of E kinetic."""
