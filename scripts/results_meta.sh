@@ -49,6 +49,8 @@ plot=()  # the plot needs metaham.viz.plot_adaptation (matplotlib)
 
 one() {  # meta-train, pre-train and adapt with SYSTEM held out; outputs in $OUT/$BACKBONE/leave_SYSTEM/
   local system=$1 dir="$OUT/$BACKBONE/leave_$1" resume=()
+  # A finished held-out system is kept as it is (delete its folder to redo it).
+  [ -s "$dir/adapt.json" ] && { echo "already done: $BACKBONE, $system held out ($dir/adapt.json)"; return 0; }
   [ -f "$dir/config.yaml" ] && resume=(--resume)
   "$PYTHON" -m metaham meta-train --config "configs/meta_train_leave_$system.yaml" "${overrides[@]}" \
     --out "$dir" "${resume[@]}" --no-progress --json > "$dir.train.log" 2>&1 || { echo "FAILED: training $system (see $dir.train.log)"; return 1; }

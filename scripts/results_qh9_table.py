@@ -90,7 +90,10 @@ def build(out_dir: Path) -> str:
         "",
         f"Model (configs/qh9.yaml): node irreps `{model.get('node_irreps')}`, {model.get('layers')} interaction "
         f"blocks, spherical harmonics to l = {model.get('lmax_sh')}, head multiplicity {model.get('head_mul')}; "
-        f"sparse: tensor-product sparsity {model.get('tp_sparsity')}, pair sparsity {model.get('pair_sparsity')}, "
+        f"sparse: tensor-product sparsity {model.get('tp_sparsity')}"
+        f"{' of the paths into each output irrep' if model.get('tp_per_output') else ''}, pair sparsity "
+        f"{model.get('pair_sparsity')} of the pairs longer than {model.get('pair_keep_radius')} A (encoder) and "
+        f"{model.get('head_pair_keep_radius')} A (head), "
         f"random phase {model.get('random_steps')} steps, adaptive {model.get('adaptive_steps')}, then fixed. "
         f"Training: {train.get('epochs')} epochs, batch {train.get('batch_size')}, AdamW lr {train.get('lr')} "
         f"({train.get('decay')}), one torch thread per run, the sparse and dense runs side by side on a shared "

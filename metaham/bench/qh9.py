@@ -1,23 +1,30 @@
-"""QH9 evaluation throughput: our batched metrics vs QH9's one-molecule-at-a-time float64 test route.
+"""QH9 evaluation throughput, end to end: ``metaham qh9 eval``'s route vs QH9's official test route.
 
-Both sides start from the same inputs -- atoms, positions, target and predicted matrices -- and produce the
-same per-molecule metrics (checked in the run: the largest difference is reported). The reference is QH9's
-test loop (a pyscf ``Mole`` per molecule for the overlap, Loewdin orthogonalisation and two eigensolves per
-matrix, metrics as tensors read out one by one); ours computes overlaps straight from cached libcint arrays
-(cold cache: every repeat recomputes them), factors each overlap once for both matrices and solves
-equal-size molecules in one batched call.
+Both routes evaluate the same model -- ``QH9Model`` with the defaults of ``configs/qh9.yaml``, sparse gates in
+the fixed phase, random weights (values do not change the cost) -- on the same QH9-layout file, from reading
+the rows to the per-molecule metrics. The reference is QH9's test loop: one molecule per batch, the model in
+float64, forward pass and full-matrix assembly, a pyscf ``Mole`` per molecule for the overlap, Loewdin
+orthogonalisation and two float64 eigensolves per matrix (:func:`metaham.qh9.metrics.reference_errors`).
+Ours is :func:`metaham.qh9.evaluate.evaluate_model`, which ``metaham qh9 eval`` runs: batches of
+``train.eval_batch_size`` molecules, inference mode, the model in its own dtype (float32), overlaps from cached
+libcint arrays (cache cleared before every run: cold), one Cholesky factor per molecule for prediction and
+target, equal-size molecules in one batched float64 eigensolve. Forward pass and metrics are also timed
+separately (the breakdown). The routes' predictions differ by the float32 rounding of the model (and, where a pair's
+gate score ties the quantile, by that pair being kept in one precision only); the largest differences -- of a
+matrix entry, an energy metric and psi, per molecule -- are reported.
 
 The molecules are displaced conformers of the largest closed-shell H/C/N/O/F molecules of ase's G2 set
-(QM9-like sizes, 10-14 atoms, 70-110 AOs). Matrix values do not change the cost of either route, so the
-"target" is the core Hamiltonian and the "prediction" the target plus symmetric noise.
+(QM9-like sizes: 12-14 atoms, 96-114 AOs with the defaults); the file's ``H_init`` is the core Hamiltonian
+and its target that plus symmetric noise.
 
 ``train_speedup``: one training step -- forward, loss, backward, gradient clipping, AdamW, scheduler step --
-of the QH9 model with the sparse gates in the fixed phase (sparsity 0.7 for tensor-product paths and pairs, the
-widths of ``configs/qh9.yaml``) against its dense twin (same widths, no gates), on the same batch of the
-largest G2 molecules, timed in alternation (median of repeats). Which paths the fixed phase keeps is set by
-random importance weights (seeded): a trained model keeps the paths its adaptive phase ranked highest, whose
-cost may differ from a random subset's; the kept fraction of the dense cost is what the gate removes. The
-targets are core Hamiltonians (values do not change the cost).
+of the QH9 model with the sparse gates in the fixed phase (the gates and widths of ``configs/qh9.yaml``: 30% of
+each output irrep's tensor-product paths, 30% of the pairs beyond the gates' keep radii) against its dense twin
+(same widths, no gates), on the same batch of the largest G2 molecules, timed in alternation (median of
+repeats); the fraction of pairs the gates kept on that batch is reported. Which paths the fixed phase keeps is
+set by random importance weights (seeded): a trained model keeps the paths its adaptive phase ranked highest,
+whose cost may differ from a random subset's; the kept fraction of the dense cost is what the gate removes.
+The targets are core Hamiltonians (values do not change the cost).
 """
 from __future__ import annotations
 
@@ -26,7 +33,7 @@ import argparse
 import numpy as np
 
 NAME = "qh9"
-HELP = "QH9 evaluation: batched float64 metrics vs QH9's one-molecule-at-a-time test route"
+HELP = "QH9 model evaluation (metaham qh9 eval vs QH9's one-molecule float64 test route) and training step"
 TARGET_EVAL_SPEEDUP = 5.0
 
 
@@ -38,7 +45,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive(int), default=3, help="timed repeats per route (default 3)")
     parser.add_argument(
         "--part", choices=["eval", "train", "all"], default="all",
-        help="eval: metrics throughput; train: sparse vs dense training step; all: both (default)",
+        help="eval: evaluation throughput, model forward + metrics; train: sparse vs dense training step; all: both "
+        "(default)",
+    )
+    parser.add_argument(
+        "--eval-batch-size", type=positive(int), default=None,
+        help="molecules per batch of our evaluation route (default: train.eval_batch_size of configs/qh9.yaml)",
     )
     parser.add_argument(
         "--train-molecules", type=positive(int), default=8,
@@ -85,42 +97,106 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def _eval_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
     from metaham.bench import interleaved_median_times
     from metaham.cli._common import table
-    from metaham.qh9.evaluate import Evaluator
-    from metaham.qh9.metrics import SUMMARY_NAMES, reference_errors
+    from metaham.qh9.dataset import QH9Dataset, collate
+    from metaham.qh9.evaluate import Evaluator, evaluate_model
+    from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
+    from metaham.qh9.train import DEFAULT_CONFIG, load_train_config
 
-    inputs = _inputs(args.molecules, args.conformers)
+    config = load_train_config(DEFAULT_CONFIG)
+    batch_size = args.eval_batch_size or config["train"]["eval_batch_size"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "eval.db"
+        _write_eval_file(path, _inputs(args.molecules, args.conformers))
+        dataset = QH9Dataset(path)
+        records = [dataset[i] for i in range(len(dataset))]
+        model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
+        reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
 
-    def batched() -> dict:
-        clear_cache()  # cold: overlaps are part of the cost, as on a first evaluation
-        evaluator = Evaluator(device)
-        for row in inputs:
-            evaluator.add(*row)
-        return evaluator.per_molecule()
+        def ours(keep: bool = False):  # exactly what `metaham qh9 eval` runs on a file that stores H_init
+            clear_cache()  # cold: overlaps are part of the cost, as on a first evaluation
+            return evaluate_model(model.predict, dataset, batch_size, device, keep_predictions=keep, progress=False)
 
-    def reference() -> dict:
-        rows = [reference_errors(H_pred, H_true, Z, pos) for _, Z, pos, H_true, H_pred in inputs]
-        return {k: np.array([r[k] for r in rows]) for k in SUMMARY_NAMES}
+        def ours_forward() -> None:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+            with torch.inference_mode():
+                for batch in loader:
+                    model.predict(batch.to(device))
 
-    ours, theirs = batched(), reference()
-    max_diff = max(float(np.max(np.abs(ours[k] - theirs[k]))) for k in SUMMARY_NAMES)
-    times = interleaved_median_times({"reference": reference, "batched": batched}, repeats=args.repeats, warmup=0)
-    n = len(inputs)
+        def reference(keep: bool = False):
+            rows, kept = [], {}
+            loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate)
+            with torch.no_grad():
+                for batch in loader:
+                    H_pred = reference_model.predict(batch.to(device))[0].cpu().numpy()
+                    rows.append(reference_errors(H_pred, batch.H[0].numpy(), batch.Z.numpy(), batch.pos.numpy()))
+                    if keep:
+                        kept[int(batch.ids[0])] = H_pred
+            return {k: np.array([r[k] for r in rows]) for k in SUMMARY_NAMES}, kept
+
+        def reference_forward() -> None:
+            with torch.no_grad():
+                for batch in torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate):
+                    reference_model.predict(batch.to(device))
+
+        # One untimed run of each route (also the warm-up): predictions and per-molecule metrics to compare.
+        theirs, theirs_H = reference(keep=True)
+        _, ours_H = ours(keep=True)
+
+        def ours_metrics() -> dict:
+            clear_cache()
+            evaluator = Evaluator(device)
+            evaluator.add_records(records, [torch.from_numpy(ours_H[r.id]) for r in records])
+            return evaluator.per_molecule()
+
+        def reference_metrics() -> None:
+            for r in records:
+                reference_errors(theirs_H[r.id], r.H, r.Z, r.pos)
+
+        mine = ours_metrics()
+        routes = {"reference": reference, "batched": ours}
+        parts = {"reference_forward": reference_forward, "batched_forward": ours_forward,
+                 "reference_metrics": reference_metrics, "batched_metrics": ours_metrics}
+        times = interleaved_median_times({**routes, **parts}, repeats=args.repeats, warmup=0)
+        dataset.file.close()
+
+    n = len(records)
+    energy_keys = [k for k in SUMMARY_NAMES if k != "psi_cos"]
+    diff_ueh = MICRO * max(float(np.nanmax(np.abs(mine[k] - theirs[k]))) for k in energy_keys)
+    diff_psi = 100.0 * float(np.max(np.abs(mine["psi_cos"] - theirs["psi_cos"])))
+    diff_H = max(float(np.abs(ours_H[r.id] - theirs_H[r.id]).max()) for r in records)
+    # Relative to what the network adds to H_init. Beyond float32 rounding (~1e-7), a pair whose gate score ties
+    # the quantile may be kept in one precision and dropped in the other: a discrete change of that pair's block.
+    learned = max(float(np.abs(theirs_H[r.id] - r.H_init).max()) for r in records)
     speedup = times["reference"] / times["batched"]
     met = speedup >= TARGET_EVAL_SPEEDUP
-    norbs = [len(row[3]) for row in inputs]
+    norbs = [r.norb for r in records]
+    ms = {k: 1e3 * v / n for k, v in times.items()}
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     rows = [
-        ["QH9 test route (one molecule at a time, float64)", f"{1e3 * times['reference'] / n:.2f}", 1.0],
-        ["metaham batched (float64)", f"{1e3 * times['batched'] / n:.2f}", speedup],
+        ["QH9 test route: 1 molecule at a time, float64 model", f"{ms['reference_forward']:.1f}",
+         f"{ms['reference_metrics']:.1f}", f"{ms['reference']:.1f}", 1.0],
+        [f"metaham qh9 eval: batches of {batch_size}, {dtype} model", f"{ms['batched_forward']:.1f}",
+         f"{ms['batched_metrics']:.1f}", f"{ms['batched']:.1f}", speedup],
     ]
     summary = (
-        f"QH9 metrics on {n} molecules ({args.molecules} G2 molecules x {args.conformers} conformers, "
-        f"{min(norbs)}-{max(norbs)} AOs), device {device}, median of {args.repeats}\n"
-        + table(rows, ["route", "ms / molecule", "speed-up"])
+        f"QH9 evaluation end to end (model forward + metrics) on {n} molecules ({args.molecules} G2 molecules x "
+        f"{args.conformers} conformers, {min(norbs)}-{max(norbs)} AOs), "
+        f"{'dense' if model.dense else 'sparse fixed-phase'} model of configs/qh9.yaml, device {device}, "
+        f"{torch.get_num_threads()} thread(s), median of {args.repeats}\n"
+        + table(rows, ["route", "forward ms/mol", "metrics ms/mol", "total ms/mol", "speed-up"])
         + f"\neval_speedup {speedup:.2f} (target >= {TARGET_EVAL_SPEEDUP:g}: {'met' if met else 'NOT met'}); "
-        f"largest metric difference between the routes {max_diff:.1e} (Hartree or fraction)"
+        f"the routes differ by at most {diff_H:.1e} Eh in a predicted matrix entry ({diff_H / learned:.1e} of the "
+        f"largest entry the network adds to H_init; {dtype} vs float64 model), "
+        f"{diff_ueh:.2g} uEh in an energy metric and {diff_psi:.2g} % in psi of one molecule"
     )
     result = {
         "eval_speedup": speedup,
@@ -128,11 +204,60 @@ def _eval_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
         "eval_target_met": met,
         "eval_reference_s": times["reference"],
         "eval_batched_s": times["batched"],
+        **{f"eval_{k}_s": times[k] for k in parts},
+        "eval_batch_size": batch_size,
+        "eval_model_dtype": dtype,
+        "eval_threads": torch.get_num_threads(),
         "n_molecules": n,
-        "max_metric_difference": max_diff,
+        "eval_max_matrix_diff_eh": diff_H,
+        "eval_max_matrix_rel_diff": diff_H / learned,
+        "eval_max_energy_diff_ueh": diff_ueh,
+        "eval_max_psi_diff_pct": diff_psi,
         "device": str(device),
     }
     return summary, result
+
+
+def _write_eval_file(path, inputs: list[tuple]) -> None:
+    """A QH9-stable SQLite file with an ``H_init`` column (the layout ``metaham qh9 generate`` writes) from
+    :func:`_inputs`' rows: ``H_init`` the core Hamiltonian, ``Ham`` the core Hamiltonian plus noise."""
+    import sqlite3
+
+    db = sqlite3.connect(path)
+    try:
+        with db:
+            db.execute("CREATE TABLE data (id INTEGER PRIMARY KEY, N INTEGER, Z BLOB, pos BLOB, Ham BLOB, H_init BLOB)")
+            db.executemany(
+                "INSERT INTO data (id, N, Z, pos, Ham, H_init) VALUES (?, ?, ?, ?, ?, ?)",
+                [(row + 1, len(Z), np.asarray(Z, np.int32).tobytes(), np.asarray(pos, np.float64).tobytes(),
+                  np.asarray(H_noisy).tobytes(), np.asarray(H_core).tobytes())
+                 for row, Z, pos, H_core, H_noisy in inputs],
+            )
+    finally:
+        db.close()
+
+
+def _trained_shape_model(options: dict, dataset, batch_size: int):
+    """``QH9Model(**options)`` as training leaves it: gates in the fixed phase (the kept paths chosen by random
+    importance weights, seeded), reference blocks and output scale fitted to ``dataset``; eval mode."""
+    import torch
+
+    from metaham.qh9.dataset import collate
+    from metaham.qh9.model import QH9Model
+
+    torch.manual_seed(0)
+    model = QH9Model(**{**options, "random_steps": 0, "adaptive_steps": 1})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in model.sparsity.gates:
+            if gate.sparsity > 0:
+                gate.path_weight.copy_(0.5 + torch.rand(gate.n_paths, generator=generator))
+    model.sparsity.step()  # adaptive: keep the top-weight paths; then fixed: freeze them
+    if not model.dense and model.sparsity.phase != "fixed":
+        raise RuntimeError(f"the sparse model should be in the fixed phase, is in {model.sparsity.phase}")
+    indices = range(len(dataset))
+    model.fit_statistics(collate([dataset[i] for i in indices[s : s + batch_size]]) for s in indices[::batch_size])
+    return model.eval()
 
 
 TARGET_TRAIN_SPEEDUP = 3.0
@@ -151,7 +276,8 @@ def _train_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
     speedup, met = result["train_speedup"], result["train_target_met"]
     rows = [
         ["dense twin (no gates)", f"{1e3 * result['train_dense_s']:.0f}", 1.0],
-        [f"sparse, fixed phase ({result['kept_paths']}/{result['total_paths']} paths, 30% of pairs)",
+        [f"sparse, fixed phase ({result['kept_paths']}/{result['total_paths']} paths, "
+         f"{100 * result['kept_pair_fraction']:.0f}% of pairs kept)",
          f"{1e3 * result['train_sparse_s']:.0f}", speedup],
     ]
     summary = (
@@ -170,6 +296,7 @@ def time_training_steps(batch, device, repeats: int) -> dict:
     import torch
 
     from metaham.bench import interleaved_median_times
+    from metaham.nn import SparsePairGate
     from metaham.qh9.model import QH9Model
     from metaham.qh9.train import SCHEMA, matrix_loss
 
@@ -204,6 +331,13 @@ def time_training_steps(batch, device, repeats: int) -> dict:
     dense, dense_step = setup(True)
     if sparse.sparsity.phase != "fixed":
         raise RuntimeError(f"the sparse model should be in the fixed phase, is in {sparse.sparsity.phase}")
+    # The pairs the pair gates keep, summed over the gates (encoder blocks and head) of one step.
+    pair_counts: list[tuple[int, int]] = []
+    hooks = [m.register_forward_hook(lambda _m, _a, out: pair_counts.append((len(out.index), len(out.score))))
+             for m in sparse.modules() if isinstance(m, SparsePairGate)]
+    sparse_step()
+    for hook in hooks:
+        hook.remove()
     times = interleaved_median_times({"dense": dense_step, "sparse": sparse_step}, repeats=repeats, warmup=1)
     speedup = times["dense"] / times["sparse"]
     gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
@@ -217,6 +351,7 @@ def time_training_steps(batch, device, repeats: int) -> dict:
         "train_atoms": len(batch.Z),
         "kept_paths": sum(len(g.kept_paths) for g in gates),
         "total_paths": sum(g.n_paths for g in gates),
+        "kept_pair_fraction": sum(k for k, _ in pair_counts) / max(1, sum(n for _, n in pair_counts)),
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),
         "parameters_dense": sum(p.numel() for p in dense.parameters()),
     }

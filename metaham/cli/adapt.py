@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seeds the fresh tasks and the random model (default: 0)")
     parser.add_argument("--lr", type=positive(float), default=None,
                         help="adaptation SGD learning rate (default: the run's maml.inner_lr)")
+    parser.add_argument("--backtrack", type=positive(int, allow_zero=True), default=None, metavar="M",
+                        help="halve a step that does not lower the support loss up to M times, skip it if none "
+                             "does (default: 10; 0: plain SGD)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="save adaptation curves and a rollout here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_plugin_flag(parser)
@@ -54,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = evaluate_adaptation(
             run_, args.system, shots=args.shots, steps=args.steps, n_tasks=args.tasks, seed=args.seed, lr=args.lr,
+            **({} if args.backtrack is None else {"backtrack": args.backtrack}),
             device=device, progress=False if args.no_progress else None,
         )
     except ConfigError as exc:  # e.g. more shots than a task's trajectories hold

@@ -244,7 +244,10 @@ def _add_model_commands(sub) -> None:
         help="part of the training split to score (default test)",
     )
     p.add_argument("--save-predictions", metavar="FILE.npz", help="write the predicted matrices (pyscf order) with row ids")
-    p.add_argument("--batch-size", type=positive(int), default=16, help="molecules per batch (default 16)")
+    p.add_argument(
+        "--batch-size", type=positive(int), default=None,
+        help="molecules per batched forward pass (default: train.eval_batch_size of the run's config)",
+    )
     add_device_flag(p)
     _add_trust_flag(p)
     add_json_flag(p)

@@ -40,7 +40,7 @@ class HamiltonianGNN(nn.Module):
     Args:
         backbone: registered backbone name (``metaham.hamiltonian.backbone_names()``); the default
             ``sparse_equivariant`` is E(3)-invariant up to its symmetry-breaking inputs, ``gcn`` is the
-            paper's (non-invariant) graph network and about 10x faster per MAML step.
+            paper's (non-invariant) graph network and about 3x faster per MAML step (measured on single particles).
         hidden: feature width of the backbone and the read-out.
         layers: message-passing rounds of the backbone.
         **backbone_options: passed on to the backbone's constructor.

@@ -4,11 +4,19 @@ Every model in a comparison (meta-trained, pre-trained, random) is adapted with 
 meta-learned initialisation is tuned to the inner-loop optimizer, so adapt with what it was meta-trained for
 (plain SGD at the inner learning rate, 0.1 by default) and state the protocol with every result.
 
+``backtrack=m`` safeguards the SGD steps (a monotone descent rule, as in Armijo backtracking): a step that does
+not lower the task's support loss is retried with its learning rate halved, up to ``m`` times, and skipped if
+none does. Wherever plain SGD descends it changes nothing, so the meta-learned step is kept; where a task's
+curvature is too high for the learning rate (plain SGD diverged on a few pendulum tasks, whose vector fields
+are ~25x larger than the other systems'), the support loss can no longer grow. The rule reads the support set
+only, so it applies identically to every model and system, the held-out ones included.
+
 Example::
 
     curve = adapt(model, task.support, task.query, task.graph, steps=10, lr=0.1)
     curve.steps        # [0, 1, ..., 10]
     curve.query_loss   # query loss after each of those steps
+    safe = adapt(model, task.support, task.query, task.graph, steps=10, lr=0.1, backtrack=10)
 """
 from __future__ import annotations
 
@@ -44,6 +52,7 @@ def adapt(
     loss: TaskLoss | None = None,
     names: Sequence[str] | None = None,
     metric: TaskLoss | None = None,
+    backtrack: int = 0,
 ) -> Adaptation:
     """Adapt ``model``'s parameters with ``steps`` full-batch SGD steps on ``support``.
 
@@ -56,11 +65,15 @@ def adapt(
         names: parameters to adapt (default: all; pass the read-out's names for an ANIL-trained model).
         metric: what ``query_loss`` measures on the query set (default: ``loss``), e.g. the vector-field MSE
             of a model adapted with log-cosh.
+        backtrack: halve a step's learning rate up to this many times until the support loss decreases, and
+            skip the step if it never does (0: plain SGD); see the module docstring.
 
     Returns:
         :class:`Adaptation` with the sorted ``steps`` of ``eval_at`` and the query loss after each.
     """
-    checkpoints, params, names, lrs, loss, metric = _settings(model, steps, lr, eval_at, loss, metric, names)
+    checkpoints, params, names, lrs, loss, metric = _settings(model, steps, lr, eval_at, loss, metric, names,
+                                                              backtrack)
+    step_once = _stepper(loss, model, graph, names, lrs, backtrack, batched=False)
     curve = []
     for step in range(steps + 1):
         if step in checkpoints:
@@ -68,7 +81,7 @@ def adapt(
             with torch.no_grad():
                 curve.append(float(metric(model, params, query, graph)))
         if step < steps:
-            params = sgd_step(loss, model, params, support, graph, names, lrs, first_order=True)
+            params = step_once(params, support)
     return Adaptation(checkpoints, curve, params)
 
 
@@ -82,17 +95,20 @@ def adapt_tasks(
     loss: TaskLoss | None = None,
     names: Sequence[str] | None = None,
     metric: TaskLoss | None = None,
+    backtrack: int = 0,
 ) -> list[Adaptation]:
     """:func:`adapt` applied to each of ``tasks`` (:class:`~metaham.meta.MetaTask`), one :class:`Adaptation` each.
 
     Tasks of equal shape are stacked and adapted together under ``torch.func.vmap`` (as in MAML's meta-batches):
-    the same SGD steps as adapting them one by one, several times faster for small tasks.
+    the same SGD steps as adapting them one by one, several times faster for small tasks (with ``backtrack``,
+    each task still gets its own step sizes).
     """
-    checkpoints, params0, names, lrs, loss, metric = _settings(model, steps, lr, eval_at, loss, metric, names)
+    checkpoints, params0, names, lrs, loss, metric = _settings(model, steps, lr, eval_at, loss, metric, names,
+                                                               backtrack)
     results: list[Adaptation | None] = [None] * len(tasks)
     for group in group_tasks(tasks):
         graph = group.graph
-        step_all = torch.func.vmap(lambda p, data: sgd_step(loss, model, p, data, graph, names, lrs, first_order=True))
+        step_all = _stepper(loss, model, graph, names, lrs, backtrack, batched=True)
         measure_all = torch.func.vmap(lambda p, data: metric(model, p, data, graph))
         count = len(group.indices)
         params = {name: value.expand(count, *value.shape) for name, value in params0.items()}
@@ -108,10 +124,42 @@ def adapt_tasks(
     return results  # type: ignore[return-value]
 
 
-def _settings(model, steps, lr, eval_at, loss, metric, names):
+def _stepper(loss, model, graph, names, lrs, backtrack: int, batched: bool):
+    """``step(params, support) -> params``: one adaptation step, over a leading task axis when ``batched``."""
+    vmap = torch.func.vmap if batched else (lambda fn: fn)
+    if backtrack == 0:
+        return vmap(lambda p, data: sgd_step(loss, model, p, data, graph, names, lrs, first_order=True))
+
+    def grad_and_loss(p, data):
+        return torch.func.grad_and_value(lambda a: loss(model, {**p, **a}, data, graph))({n: p[n] for n in names})
+
+    grad_and_loss, loss_at = vmap(grad_and_loss), vmap(lambda p, data: loss(model, p, data, graph))
+
+    def step(params, support):
+        grads, current = grad_and_loss(params, support)  # current: (tasks,) or ()
+        new = dict(params)  # tasks that never descend keep their parameters (the step is skipped)
+        done = torch.zeros_like(current, dtype=torch.bool)
+        for halvings in range(backtrack + 1):
+            # The per-task choice is made here, outside vmap, where the losses are concrete values.
+            trial = {n: params[n] - 0.5**halvings * lrs[n] * grads[n] for n in names}
+            with torch.no_grad():
+                better = (loss_at({**params, **trial}, support) <= current) & ~done  # NaN never descends
+            for n in names:
+                new[n] = torch.where(better.reshape(better.shape + (1,) * (trial[n].ndim - better.ndim)), trial[n], new[n])
+            done |= better
+            if bool(done.all()):
+                break
+        return new
+
+    return step
+
+
+def _settings(model, steps, lr, eval_at, loss, metric, names, backtrack=0):
     """Validated adaptation settings: checkpoints, detached parameters, adapted names, rates, loss, metric."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
+    if isinstance(backtrack, bool) or not isinstance(backtrack, int) or backtrack < 0:
+        raise ValueError(f"backtrack must be an integer >= 0, got {backtrack!r}")
     loss = loss if loss is not None else VectorFieldLoss("mse")
     metric = metric if metric is not None else loss
     checkpoints = sorted(set(range(steps + 1) if eval_at is None else eval_at))

@@ -6,8 +6,10 @@ The protocol (Song and Jeong, ICLR 2024, with the adaptation optimizer measured 
 1. ``n_tasks`` fresh tasks of the system: new parameter draws and trajectories, simulated from a pool seed
    that no training pool uses (the split's meta-test parameter ranges apply to a parametric split).
 2. Each model (``meta``, ``pretrained``: the run's checkpoints; ``random``: a fresh initialisation of the same
-   architecture) is adapted on each task's K support points with ``steps`` steps of plain full-batch SGD at
-   the inner-loop learning rate the run was meta-trained with (the run's training loss drives the updates).
+   architecture) is adapted on each task's K support points with ``steps`` steps of full-batch SGD at the
+   inner-loop learning rate the run was meta-trained with (the run's training loss drives the updates),
+   safeguarded by default (``backtrack``, see :mod:`metaham.meta.adapt`): a step that would raise the support
+   loss is halved until it does not, so no task diverges, while every descending step is plain SGD's.
    The vector-field MSE on the task's query points is recorded after every step.
 3. The adapted Hamiltonian of each task is rolled out from the task's held-out initial states with the
    implicit midpoint rule (symplectic for the non-separable learned H), one step per saved time of the
@@ -46,6 +48,7 @@ from .training import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, r
 
 MODELS = ("meta", "pretrained", "random")
 REPORT_STEPS = (0, 1, 5, 10)
+BACKTRACK = 10  # default halvings of a non-descending adaptation step (0: plain SGD)
 ROLLOUT_METHOD = "implicit_midpoint"
 
 
@@ -113,6 +116,7 @@ class AdaptationReport:
     steps: int
     seed: int
     lr: float
+    backtrack: int
     protocol: str
     info: dict[str, Any]
     results: dict[str, ModelResult]
@@ -150,6 +154,7 @@ class AdaptationReport:
             "tasks": int(next(iter(self.results.values())).curves.shape[0]),
             "seed": self.seed,
             "adapt_lr": self.lr,
+            "adapt_backtrack": self.backtrack,
             "protocol": self.protocol,
             **self.info,
         }
@@ -164,6 +169,7 @@ def evaluate_adaptation(
     n_tasks: int = 20,
     seed: int = 0,
     lr: float | None = None,
+    backtrack: int = BACKTRACK,
     device: torch.device | str | None = None,
     cache_dir: str | Path | None = None,
     progress: bool | None = None,
@@ -178,6 +184,7 @@ def evaluate_adaptation(
         n_tasks: tasks, each a fresh parameter draw of the system.
         seed: seeds the task pool (kept apart from every training pool) and the random model.
         lr: adaptation learning rate (default: the run's inner-loop rate ``maml.inner_lr``).
+        backtrack: halvings of a step that would not lower the support loss (0: plain SGD).
         device: where to compute (default: cpu).
         cache_dir: task-pool cache (default :func:`tasks.default_cache_dir`).
         progress: progress bar on stderr (None: only on a terminal).
@@ -206,7 +213,7 @@ def evaluate_adaptation(
                disable=None if progress is None else not progress)
     for name, (model, protocol) in models.items():
         outcomes = adapt_tasks(model, to_meta_tasks(tasks), steps=steps, lr=protocol["lr"], loss=task_loss(config),
-                               metric=VectorFieldLoss("mse"), names=protocol["names"])
+                               metric=VectorFieldLoss("mse"), names=protocol["names"], backtrack=backtrack)
         curves, adapted = [o.query_loss for o in outcomes], [o.params for o in outcomes]
         q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph)
         truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
@@ -229,8 +236,10 @@ def evaluate_adaptation(
     n_steps, r = t.numel() - 1, rollouts.q.shape[0]
     k_query = len(tasks[0].query)
     protocol = (
-        f"each model adapted on the same K={shots} support points per task with {steps} steps of plain "
-        f"full-batch SGD at lr {lr:g} (loss: {config['train']['loss']}"
+        f"each model adapted on the same K={shots} support points per task with {steps} steps of "
+        + (f"full-batch SGD at lr {lr:g}, a step that does not lower the support loss halved up to {backtrack} "
+           "times and skipped if none does" if backtrack else f"plain full-batch SGD at lr {lr:g}")
+        + f" (loss: {config['train']['loss']}"
         + (", meta model: its learned Meta-SGD rates" if config["maml"]["meta_sgd"] else "")
         + (", meta model: read-out only (ANIL)" if config["maml"]["anil"] else "")
         + f"); vf_mse: vector-field MSE on {k_query} query points, mean over {len(tasks)} tasks of fresh "
@@ -249,7 +258,7 @@ def evaluate_adaptation(
         "backbone": config["model"]["backbone"],
         "seconds": time.perf_counter() - started,
     }
-    return AdaptationReport(system, shots, steps, seed, lr, protocol, info, results,
+    return AdaptationReport(system, shots, steps, seed, lr, backtrack, protocol, info, results,
                             truth=(t.cpu(), tasks[0].rollouts.q[0].cpu(), tasks[0].rollouts.p[0].cpu()))
 
 

@@ -18,7 +18,7 @@ from .pair_gate import PairInvariants, PairSelection, SparsePairGate
 from .radial import BesselBasis, polynomial_cutoff
 from .scheduler import SparsityScheduler
 from .sh import E3NN_P_TO_PYSCF, PYSCF_P_TO_E3NN, sh_irreps, spherical_harmonics
-from .sparse_tp import SparseTensorProduct
+from .sparse_tp import SparseTensorProduct, linear_columns
 
 __all__ = [
     "BesselBasis",
@@ -34,6 +34,7 @@ __all__ = [
     "SparseTensorProduct",
     "SparsityScheduler",
     "polynomial_cutoff",
+    "linear_columns",
     "sh_irreps",
     "spherical_harmonics",
 ]

@@ -13,7 +13,7 @@ from .norm import EquivariantLayerNorm
 from .pair_gate import PairInvariants, SparsePairGate
 from .radial import BesselBasis, polynomial_cutoff
 from .sh import sh_irreps, spherical_harmonics
-from .sparse_tp import SparseTensorProduct
+from .sparse_tp import SparseTensorProduct, linear_columns
 
 
 class InteractionBlock(nn.Module):
@@ -32,7 +32,7 @@ class InteractionBlock(nn.Module):
     projection of the input features) feed the edge MLP with or without a pair gate. With ``pair_sparsity``
     set, a :class:`SparsePairGate` first keeps each graph's top pairs and gates their invariants; dropped
     pairs get no spherical harmonics, no weights and no message, so the edge work falls with the kept
-    fraction.
+    fraction. Pairs shorter than ``pair_keep_radius`` (bonded neighbours) are exempt from the gate: always kept.
 
     Args:
         irreps_in: node feature irreps of the input.
@@ -45,6 +45,9 @@ class InteractionBlock(nn.Module):
         tp_sparsity: sparsity of the tensor-product gate (0: dense).
         pair_sparsity: sparsity of the pair gate; None: no pair gate.
         pair_per_graph: the pair gate's quantile per graph (True) or over the whole batch (False).
+        pair_keep_radius: pairs closer than this are never dropped by the pair gate (0: none exempt).
+        tp_per_output: the tensor-product gate keeps its share of the paths into each output irrep
+            (:class:`SparseTensorProduct`'s ``per_output``) instead of a share of all paths.
         avg_num_neighbors: normalisation of the aggregated messages.
         layer_norm: apply an equivariant layer norm at the end.
         sh_axes: ``"e3nn"`` or ``"pyscf"``, see :func:`~metaham.nn.sh.spherical_harmonics`.
@@ -66,6 +69,8 @@ class InteractionBlock(nn.Module):
         tp_sparsity: float = 0.0,
         pair_sparsity: float | None = None,
         pair_per_graph: bool = True,
+        pair_keep_radius: float = 0.0,
+        tp_per_output: bool = False,
         avg_num_neighbors: float = 10.0,
         layer_norm: bool = True,
         sh_axes: str = "e3nn",
@@ -86,11 +91,15 @@ class InteractionBlock(nn.Module):
         self.gate = GatedNonlinearity(self.irreps_out)
         irreps_mid, instructions = _message_irreps(self.irreps_in, self.irreps_sh, self.gate.irreps_in)
         self.tp = SparseTensorProduct(
-            self.irreps_in, self.irreps_sh, irreps_mid, mode="uvu", sparsity=tp_sparsity, instructions=instructions
+            self.irreps_in, self.irreps_sh, irreps_mid, mode="uvu", sparsity=tp_sparsity, instructions=instructions,
+            per_output=tp_per_output,
         )
         self.radial = BesselBasis(num_basis, cutoff)
         if int(pair_channels) != pair_channels or pair_channels < 1:
             raise ValueError(f"pair_channels must be an integer >= 1, got {pair_channels!r}")
+        if not (math.isfinite(pair_keep_radius) and pair_keep_radius >= 0):
+            raise ValueError(f"pair_keep_radius must be a finite number >= 0, got {pair_keep_radius!r}")
+        self.pair_keep_radius = float(pair_keep_radius)
         # Invariants of a narrow projection: scoring every pair on the full features would cost as much as
         # a message and eat the pair gate's saving.
         self.irreps_pair = o3.Irreps([(int(pair_channels), ir) for ir in sorted({ir for _, ir in self.irreps_in})])
@@ -114,15 +123,18 @@ class InteractionBlock(nn.Module):
     ) -> torch.Tensor:
         """Node features ``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``; see the class docstring."""
         features, pair_features = self.pre(x).split([self.irreps_in.dim, self.irreps_pair.dim], dim=-1)
+        length = torch.linalg.vector_norm(edge_vec, dim=-1)
         if self.pair_gate is not None:
-            kept = self.pair_gate(pair_features, edge_index, batch)
+            exempt = length < self.pair_keep_radius if self.pair_keep_radius > 0 else None
+            kept = self.pair_gate(pair_features, edge_index, batch, exempt)
             edge_index = edge_index.index_select(1, kept.index)
-            edge_vec = edge_vec.index_select(0, kept.index)
+            edge_vec, length = edge_vec.index_select(0, kept.index), length.index_select(0, kept.index)
             invariants = kept.invariants
         else:
             invariants = self.pair_invariants(pair_features, edge_index)
-        length = torch.linalg.vector_norm(edge_vec, dim=-1)
-        edge_weight = self.edge_mlp(torch.cat([self.radial(length), invariants], dim=-1))
+        hidden = self.edge_mlp[:-1](torch.cat([self.radial(length), invariants], dim=-1))
+        # In the fixed phase only the kept paths' weights are computed.
+        edge_weight = linear_columns(self.edge_mlp[-1], hidden, self.tp.weight_columns)
         # The message normalisation rides on the (linear) per-edge weights: one multiplication fewer.
         edge_weight = edge_weight * (polynomial_cutoff(length, self.cutoff) * self.norm_factor).unsqueeze(-1)
         sh = spherical_harmonics(self.lmax_sh, edge_vec, self.sh_axes)

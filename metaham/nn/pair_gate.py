@@ -9,6 +9,11 @@ kept or dropped together). The kept pairs' invariants are multiplied by ``sigmoi
 (>= 0.5, differentiable), which is how the scorer learns; dropped pairs return nothing, so the caller
 computes no message for them.
 
+Optionally some pairs are exempt (``always_keep``, e.g. the pairs closer than a bond length): they are kept
+with their invariants unscaled, and the quantile and ``k_g`` are taken over each graph's other pairs only.
+On small molecules a plain quantile keeps so few pairs that atoms lose their bonded neighbours; exempting
+the short pairs leaves the gate to prune what it is meant for, the many weak long-range pairs.
+
 Data-dependent output sizes: the gate works eagerly and under ``functional_call`` / ``grad``, not under
 ``vmap``.
 """
@@ -82,8 +87,10 @@ class SparsePairGate(nn.Module):
         per_graph: True (default): a quantile per graph, so every graph of a batch keeps its share of its own
             pairs; False: one quantile over all pairs of the batch.
 
-    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None) -> PairSelection``; ``batch``
-    maps nodes to graphs (PyG convention; None: one graph). A pair belongs to its source node's graph.
+    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, always_keep (E,) bool or None)
+    -> PairSelection``; ``batch`` maps nodes to graphs (PyG convention; None: one graph). A pair belongs to
+    its source node's graph. Pairs where ``always_keep`` is True are kept ungated and take no part in the
+    quantile (their ``threshold`` entry is ``-inf``).
     """
 
     def __init__(self, irreps_node: o3.Irreps | str, sparsity: float, per_graph: bool = True) -> None:
@@ -95,16 +102,29 @@ class SparsePairGate(nn.Module):
         self.n_invariants = self.invariants.n_invariants
         self.scorer = nn.Linear(self.n_invariants, 1)
 
-    def forward(self, x: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor | None = None) -> PairSelection:
+    def forward(
+        self,
+        x: torch.Tensor,
+        edge_index: torch.Tensor,
+        batch: torch.Tensor | None = None,
+        always_keep: torch.Tensor | None = None,
+    ) -> PairSelection:
         invariants = self.invariants(x, edge_index)
         score = self.scorer(invariants).squeeze(-1)
         if batch is None or not self.per_graph:
             graph = torch.zeros_like(edge_index[0])
         else:
             graph = batch.index_select(0, edge_index[0])
-        threshold = _segment_quantile(score, graph, self.sparsity)
+        if always_keep is None:
+            threshold = _segment_quantile(score, graph, self.sparsity)
+        else:
+            # Exempt pairs pass any threshold; the others compete among themselves only.
+            free = torch.nonzero(~always_keep).flatten()
+            threshold = torch.full_like(score, -torch.inf).index_put(
+                (free,), _segment_quantile(score.index_select(0, free), graph.index_select(0, free), self.sparsity)
+            )
         index = torch.nonzero(score >= threshold).flatten()
-        factor = torch.sigmoid(score.index_select(0, index) - threshold.index_select(0, index))
+        factor = torch.sigmoid(score.index_select(0, index) - threshold.index_select(0, index))  # 1 when exempt
         return PairSelection(index, invariants.index_select(0, index) * factor.unsqueeze(-1), score, threshold)
 
     def extra_repr(self) -> str:

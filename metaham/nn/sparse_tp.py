@@ -6,10 +6,10 @@ selected path by its weight renormalised over that set, ``w_p / mean_{q in set} 
 the phase (driven by :class:`~metaham.nn.scheduler.SparsityScheduler`):
 
 * ``random``: in training mode every forward draws ``n_keep = max(1, round((1 - sparsity) * n_paths))`` paths
-  uniformly at random (torch's global RNG, so ``torch.manual_seed`` makes runs reproducible; under ``vmap``
-  pass ``randomness="same"``: one draw for all tasks). In eval mode it uses the deterministic top-``n_keep``
-  set below, so evaluation is deterministic and sees the same number of paths (hence the same output
-  scale) as training.
+  uniformly at random (``per_output``: per output irrep, see below; torch's global RNG, so
+  ``torch.manual_seed`` makes runs reproducible; under ``vmap`` pass ``randomness="same"``: one draw for all
+  tasks). In eval mode it uses the deterministic top-``n_keep`` set below, so evaluation is deterministic
+  and sees the same number of paths (hence the same output scale) as training.
 * ``adaptive``: the ``n_keep`` paths with the largest weights, i.e. those at or above the sparsity-quantile
   of the weights (the discrete quantile that keeps exactly ``n_keep``; ties go to the lower path index).
   The set is re-selected from the detached weights whenever :meth:`SparseTensorProduct.set_phase` runs --
@@ -17,7 +17,16 @@ the phase (driven by :class:`~metaham.nn.scheduler.SparsityScheduler`):
   under ``functional_call`` / ``grad`` / ``vmap``, therefore all use the same set, and the renormalised scales
   are still computed from whatever (possibly per-task, batched) weights ``forward`` is given. In MAML's inner
   loop the meta-parameters choose the set and the adapted weights rescale within it.
-* ``fixed``: the top-``n_keep`` set at the moment the phase was entered, frozen.
+* ``fixed``: the top-``n_keep`` set at the moment the phase was entered, frozen -- and so are the kept
+  paths' renormalised weights, folded into the compact product's Clebsch-Gordan tensors (SPHNet rebuilds a
+  plain product from the kept instructions). ``path_weight`` no longer trains (nor does a value passed
+  through ``functional_call``); the per-row (or internal) weights carry every path's scale from then on.
+
+``per_output=True`` makes every selection (random draw or top-weight set) per output irrep: of the ``n_o``
+paths into output ``o`` it keeps ``max(1, round((1 - sparsity) * n_o))``, so no output irrep is ever cut off
+from its inputs (a global top-k can drop every path into some ``l_out`` and starve whatever reads it). The
+total ``n_keep`` is the sum over outputs, a little above ``(1 - sparsity) * n_paths`` where outputs have
+few paths.
 
 In every phase only the selected paths are computed (Clebsch-Gordan contractions grouped by input pair), so
 dropped paths cost nothing -- zeroing weights would save no time. The selected set, the phase and the weights
@@ -29,7 +38,8 @@ reloads straight into that phase, in the fixed phase directly in the compact for
 ``path_normalization="element"``) to rounding.
 
 Output irreps never change with the phase. Path normalisation constants are those of the dense tensor
-product; an output irrep that no selected path reaches is zero (documented behaviour, not an error).
+product; an output irrep that no selected path reaches is zero (documented behaviour, not an error; with
+``per_output`` it cannot happen).
 """
 from __future__ import annotations
 
@@ -78,6 +88,15 @@ def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     return value
 
 
+def linear_columns(layer: nn.Linear, x: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x)[..., columns]`` computing only those outputs (all of ``layer(x)`` when ``columns`` is None):
+    with :attr:`SparseTensorProduct.weight_columns`, the weights of a fixed-phase product and nothing else."""
+    if columns is None:
+        return layer(x)
+    bias = None if layer.bias is None else layer.bias.index_select(0, columns)
+    return nn.functional.linear(x, layer.weight.index_select(0, columns), bias)
+
+
 def n_kept(sparsity: float, n: int) -> int:
     """How many of ``n`` items a gate at ``sparsity`` keeps: ``max(1, round((1 - sparsity) * n))``."""
     return max(1, round((1.0 - sparsity) * n)) if n > 0 else 0
@@ -97,6 +116,7 @@ class SparseTensorProduct(nn.Module):
             ``(weight_numel,)``; otherwise ``forward`` takes per-row weights ``(N, weight_numel)``.
         instructions: paths as ``(i_in1, i_in2, i_out)`` index triples; default: every triple allowed by the
             selection rules and by ``mode``'s multiplicity constraint.
+        per_output: select paths per output irrep (each keeps at least one path) instead of over all paths.
 
     Shapes: ``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` ->
     ``(N, irreps_out.dim)``. External weights always use the FULL (dense) layout, path after path in
@@ -113,6 +133,7 @@ class SparseTensorProduct(nn.Module):
         sparsity: float = 0.0,
         internal_weights: bool = False,
         instructions: Sequence[tuple[int, int, int]] | None = None,
+        per_output: bool = False,
     ) -> None:
         super().__init__()
         if mode not in MODES:
@@ -127,6 +148,7 @@ class SparseTensorProduct(nn.Module):
         self.mode = mode
         self.sparsity = check_sparsity(sparsity)
         self.internal_weights = bool(internal_weights)
+        self.per_output = bool(per_output)
 
         triples = self._instructions(instructions)
         self._paths = self._build_paths(triples)
@@ -134,7 +156,14 @@ class SparseTensorProduct(nn.Module):
         self.n_paths = len(self._paths)
         self._sizes1 = [mul * ir.dim for mul, ir in self.irreps_in1]
         self._sizes2 = [mul * ir.dim for mul, ir in self.irreps_in2]
-        self.n_keep = n_kept(self.sparsity, self.n_paths) if self.sparsity > 0 else self.n_paths
+        # The candidate sets a selection draws from: all paths, or the paths into each output irrep.
+        if self.per_output:
+            self._candidates = tuple(
+                tuple(p for p, path in enumerate(self._paths) if path.i_out == io) for io in range(len(self.irreps_out))
+            )
+        else:
+            self._candidates = (tuple(range(self.n_paths)),)
+        self.n_keep = sum(n_kept(self.sparsity, len(c)) for c in self._candidates) if self.sparsity > 0 else self.n_paths
         self.weight_numel = self._paths[-1].w_stop
 
         self._register_clebsch_gordan()
@@ -258,15 +287,22 @@ class SparseTensorProduct(nn.Module):
         """
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        if self.sparsity > 0 and not (phase == "fixed" and self._phase == "fixed"):
-            self._store_kept(self._top_k())
+        reselect = self.sparsity > 0 and not (phase == "fixed" and self._phase == "fixed")
         self.phase_index.fill_(PHASES.index(phase))
         self._phase = phase
+        if reselect:
+            self._store_kept(self._top_k())
 
     def _top_k(self) -> tuple[int, ...]:
-        weights = self.path_weight.detach().cpu().tolist()
-        order = sorted(range(self.n_paths), key=lambda p: (-weights[p], p))
-        return tuple(sorted(order[: self.n_keep]))
+        return self._best_of(self.path_weight.detach().cpu().tolist())
+
+    def _best_of(self, keys: list[float]) -> tuple[int, ...]:
+        """The paths with the largest ``keys``, ``n_kept`` of each candidate set (ties: lower index first)."""
+        kept: list[int] = []
+        for candidates in self._candidates:
+            order = sorted(candidates, key=lambda p: (-keys[p], p))
+            kept += order[: n_kept(self.sparsity, len(candidates))]
+        return tuple(sorted(kept))
 
     def _store_kept(self, paths: tuple[int, ...]) -> None:
         mask = torch.zeros(self.n_paths, dtype=torch.bool)
@@ -280,6 +316,39 @@ class SparseTensorProduct(nn.Module):
         self._kept = paths
         self._kept_groups, index = self._compile(paths, self.kept_mask.device)
         self.register_buffer("_kept_index", index, persistent=False)
+        self._freeze()
+
+    @property
+    def weight_columns(self) -> torch.Tensor | None:
+        """In the fixed phase of a sparse product: the ``(K,)`` columns of the full weight layout that the
+        kept paths read, ascending; ``forward`` then also takes ``weight (N, K)`` holding just those, so the
+        layer producing the weights need not compute the rest (see :func:`linear_columns`). Otherwise None:
+        pass the full layout."""
+        return None if self._frozen is None else self._weight_index
+
+    def _weight_widths(self) -> tuple[int, ...]:
+        return (self.weight_numel,) if self._frozen is None else (self.weight_numel, len(self._weight_index))
+
+    def _freeze(self) -> None:
+        """In the fixed phase, fold the kept paths' renormalised weights into their groups' Clebsch-Gordan
+        tensors once (one packed buffer): the compact product then does no per-call gate work, as a product
+        rebuilt from the kept instructions would not. Outside the fixed phase: no frozen tensors."""
+        self._frozen: list[tuple[int, tuple[int, ...]]] | None = None
+        if self.sparsity == 0 or self._phase != "fixed":
+            self.register_buffer("_frozen_cg", None, persistent=False)
+            self.register_buffer("_weight_index", None, persistent=False)
+            return
+        with torch.no_grad():
+            scales = self._path_scales(self._kept_index[: len(self._kept)])
+            cgs = [self._group_cg(group, self._kept_index, scales) for group in self._kept_groups]
+        self._frozen, offset = [], 0
+        for cg in cgs:
+            self._frozen.append((offset, tuple(cg.shape)))
+            offset += cg.numel()
+        self.register_buffer("_frozen_cg", torch.cat([cg.reshape(-1) for cg in cgs]), persistent=False)
+        columns = [c for p in self._kept for c in range(self._paths[p].w_start, self._paths[p].w_stop)]
+        index = torch.tensor(columns, dtype=torch.long, device=self.kept_mask.device)
+        self.register_buffer("_weight_index", index, persistent=False)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -319,21 +388,29 @@ class SparseTensorProduct(nn.Module):
             if weight is not None:
                 raise ValueError("this tensor product has internal weights; do not pass weight")
             weight = self.weight
-        elif weight is None or weight.shape != (x1.shape[0], self.weight_numel):
+        elif weight is None or weight.shape[:-1] != (x1.shape[0],) or weight.shape[-1] not in self._weight_widths():
             got = None if weight is None else tuple(weight.shape)
+            compact = f" or ({x1.shape[0]}, {len(self.weight_columns)}) (compact)" if self._frozen is not None else ""
             raise ValueError(
-                f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout), got {got}"
+                f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout){compact}, got {got}"
             )
         paths = self._select_paths()
+        if paths is self._kept and self._frozen is not None:
+            flat = self._frozen_cg
+            cgs = [flat[o : o + math.prod(shape)].view(shape) for o, shape in self._frozen]
+            return self._contract(x1, x2, weight, self._kept_groups, cgs)
         if paths is self._kept:
             groups, index = self._kept_groups, self._kept_index
         else:  # a random-phase draw: compiled for this call only
             groups, index = self._compile(paths, x1.device)
-        return self._contract(x1, x2, weight, groups, index, self._path_scales(index[: len(paths)]))
+        scales = self._path_scales(index[: len(paths)])
+        return self._contract(x1, x2, weight, groups, [self._group_cg(g, index, scales) for g in groups])
 
     def _select_paths(self) -> tuple[int, ...]:
         if self.sparsity > 0 and self.training and self._phase == "random":
-            return tuple(sorted(torch.randperm(self.n_paths)[: self.n_keep].tolist()))
+            if not self.per_output:
+                return tuple(sorted(torch.randperm(self.n_paths)[: self.n_keep].tolist()))
+            return self._best_of(torch.rand(self.n_paths).tolist())  # uniform within each output's paths
         return self._kept  # all paths when sparsity == 0
 
     def _path_scales(self, paths: torch.Tensor) -> torch.Tensor | None:
@@ -362,18 +439,21 @@ class SparseTensorProduct(nn.Module):
             groups.append(_Group(i1, i2, tuple(members), slice(start, middle), slice(middle, len(flat))))
         return groups, torch.tensor(flat, dtype=torch.long, device=device)
 
-    def _contract(self, x1, x2, weight, groups, index, scales) -> torch.Tensor:
+    def _contract(self, x1, x2, weight, groups, cgs) -> torch.Tensor:
         n = x1.shape[0]
         shared = weight.dim() == 1
         # split(), not one slice per block: the backward of a slice allocates a zero tensor of the full input
         # per slice, which costs more than the contraction itself on CPU; split's backward is one cat.
         x1_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x1.split(self._sizes1, -1), self.irreps_in1)]
         x2_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x2.split(self._sizes2, -1), self.irreps_in2)]
-        path_weights = weight.split([p.w_stop - p.w_start for p in self._paths], -1)
+        if weight.shape[-1] == self.weight_numel:
+            path_weights = dict(enumerate(weight.split([p.w_stop - p.w_start for p in self._paths], -1)))
+        else:  # compact: the kept paths' columns only, in path order
+            sizes = [self._paths[p].w_stop - self._paths[p].w_start for p in self._kept]
+            path_weights = dict(zip(self._kept, weight.split(sizes, -1)))
 
         outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
-        for group in groups:
-            cg = self._group_cg(group, index, scales)
+        for group, cg in zip(groups, cgs):
             joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
             parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
             for part, (_, p) in zip(parts, group.members):
@@ -430,6 +510,7 @@ class SparseTensorProduct(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.irreps_in1} x {self.irreps_in2} -> {self.irreps_out}, mode={self.mode}, "
-            f"sparsity={self.sparsity}, paths={len(self._kept)}/{self.n_paths} ({self._phase}), "
+            f"sparsity={self.sparsity}{', per_output' if self.per_output else ''}, "
+            f"paths={len(self._kept)}/{self.n_paths} ({self._phase}), "
             f"weight_numel={self.weight_numel}, internal_weights={self.internal_weights}"
         )

@@ -1,10 +1,12 @@
 """Score predicted Kohn-Sham matrices with QH9's metrics: streamed, grouped by size, eigenproblems batched.
 
-The flow every evaluator shares (``metaham qh9 baseline`` now, ``metaham qh9 eval`` once a model exists):
-a predictor is any callable ``predict(batch: MoleculeBatch) -> list[Tensor]`` returning one
-``(norb_b, norb_b)`` matrix per molecule in pyscf order; :func:`evaluate_model` runs it over a dataset and
-feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with one batched
-call of :func:`~metaham.qh9.metrics.molecule_errors`.
+The flow every evaluator shares (``metaham qh9 eval`` and ``metaham qh9 baseline``): a predictor is any
+callable ``predict(batch: MoleculeBatch) -> list[Tensor]`` returning one ``(norb_b, norb_b)`` matrix per
+molecule in pyscf order; :func:`evaluate_model` runs it over a dataset in batches (inference mode: a trained
+model runs its batched forward pass in its own dtype) and feeds an :class:`Evaluator`, which buffers molecules
+by AO count and scores each full group with one batched float64 call of
+:func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a time in float64;
+``metaham bench qh9 --part eval`` times the two routes against each other.
 
 >>> from metaham.qh9.evaluate import evaluate_predictions
 >>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
@@ -134,7 +136,7 @@ def evaluate_model(
     evaluator = Evaluator(device)
     kept: dict[int, np.ndarray] = {}
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
-    with torch.no_grad():
+    with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
         for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
             batch = batch.to(device)
             predictions = list(predict(batch))

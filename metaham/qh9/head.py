@@ -23,7 +23,15 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from metaham.nn import BesselBasis, EquivariantLinear, PairInvariants, SparsePairGate, SparseTensorProduct, spherical_harmonics
+from metaham.nn import (
+    BesselBasis,
+    EquivariantLinear,
+    PairInvariants,
+    SparsePairGate,
+    SparseTensorProduct,
+    linear_columns,
+    spherical_harmonics,
+)
 
 from .orbitals import PADDED_IRREPS
 
@@ -118,7 +126,8 @@ class BlockHead(nn.Module):
       1e, 2o, 3e), expanded with channel weights from an MLP of the atom's scalars.
     * Block of a pair ``(i, j)``: a two-centre part for every pair -- the spherical harmonics ``Y(r_ij)`` up
       to l = 4 with per-channel radial coefficients, as in a Slater-Koster table -- plus, for the pairs the
-      :class:`~metaham.nn.SparsePairGate` keeps (all pairs when dense), the environment part
+      :class:`~metaham.nn.SparsePairGate` keeps (all pairs when dense; always those closer than
+      ``pair_keep_radius``), the environment part
       ``TP(L(x_i), R(x_j))``. Coefficients and weights come from MLPs of pair invariants: both atoms'
       scalars, the distance's Bessel basis and channel inner products of a narrow projection of the features
       (gated by ``sigmoid(score - quantile)`` for kept pairs, which is how the pair scorer learns).
@@ -133,6 +142,8 @@ class BlockHead(nn.Module):
         pair_channels: channels per irrep type of the projection the pair invariants are computed from.
         tp_sparsity: sparsity of both tensor-product gates (0: dense).
         pair_sparsity: sparsity of the pair gate on the environment part; None: every pair gets it.
+        pair_keep_radius: pairs closer than this (Angstrom) always get the environment part.
+        tp_per_output: the tensor-product gates keep their share of the paths into each block irrep.
 
     ``forward(x (N, irreps_node.dim), pairs (2, P), pair_vec (P, 3), batch (N,))`` -> ``(diag (N, 14, 14),
     offdiag (P, 14, 14))``; ``pairs[:, k] = (i, j)``: rows belong to atom i, columns to atom j;
@@ -152,6 +163,8 @@ class BlockHead(nn.Module):
         pair_channels: int = 8,
         tp_sparsity: float = 0.0,
         pair_sparsity: float | None = None,
+        pair_keep_radius: float = 0.0,
+        tp_per_output: bool = False,
     ) -> None:
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
@@ -165,7 +178,9 @@ class BlockHead(nn.Module):
         self.diag_linear = EquivariantLinear(self.irreps_node, self.irreps_features)
         self.diag_left = EquivariantLinear(self.irreps_node, natural)
         self.diag_right = EquivariantLinear(self.irreps_node, natural)
-        self.diag_tp = SparseTensorProduct(natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity)
+        self.diag_tp = SparseTensorProduct(
+            natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity, per_output=tp_per_output
+        )
         self.diag_expansion = OrbitalExpansion(self.irreps_features)
         self.diag_weights = _mlp(self.n_scalars, hidden, self.diag_tp.weight_numel + self.diag_expansion.n_channels)
 
@@ -175,6 +190,9 @@ class BlockHead(nn.Module):
         self.pair_projection = EquivariantLinear(self.irreps_node, self.irreps_pair)
         self.pair_invariants = PairInvariants(self.irreps_pair)
         self.pair_gate = None if pair_sparsity is None else SparsePairGate(self.irreps_pair, pair_sparsity)
+        if not (math.isfinite(pair_keep_radius) and pair_keep_radius >= 0):
+            raise ValueError(f"pair_keep_radius must be a finite number >= 0, got {pair_keep_radius!r}")
+        self.pair_keep_radius = float(pair_keep_radius)
         n_invariants = 2 * self.n_scalars + num_basis + self.pair_invariants.n_invariants
         # Two-centre features: the harmonics of natural parity (the only ones Y(r) has), one coefficient each.
         self._two_centre = [(k, ir.l) for k, (_, ir) in enumerate(self.irreps_features) if ir.p == (-1) ** ir.l]
@@ -182,7 +200,9 @@ class BlockHead(nn.Module):
         self.pair_weights = _mlp(n_invariants, hidden, mul * len(self._two_centre) + self.pair_expansion.n_channels)
         self.pair_left = EquivariantLinear(self.irreps_node, natural)
         self.pair_right = EquivariantLinear(self.irreps_node, natural)
-        self.pair_tp = SparseTensorProduct(natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity)
+        self.pair_tp = SparseTensorProduct(
+            natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity, per_output=tp_per_output
+        )
         self.pair_tp_weights = _mlp(n_invariants, hidden, self.pair_tp.weight_numel)
         self.mul = mul
 
@@ -190,7 +210,13 @@ class BlockHead(nn.Module):
         self, x: torch.Tensor, pairs: torch.Tensor, pair_vec: torch.Tensor, batch: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         scalars = x[:, : self.n_scalars]
-        w_tp, w_expansion = self.diag_weights(scalars).split([self.diag_tp.weight_numel, self.diag_expansion.n_channels], -1)
+        # In the fixed phase only the kept paths' weights are computed (and all expansion weights).
+        columns, n_expansion = self.diag_tp.weight_columns, self.diag_expansion.n_channels
+        if columns is not None:
+            expansion = torch.arange(n_expansion, device=columns.device) + self.diag_tp.weight_numel
+            columns = torch.cat([columns, expansion])
+        weights = linear_columns(self.diag_weights[-1], self.diag_weights[:-1](scalars), columns)
+        w_tp, w_expansion = weights.split([weights.shape[-1] - n_expansion, n_expansion], -1)
         features = self.diag_linear(x) + self.diag_tp(self.diag_left(x), self.diag_right(x), w_tp)
         diag = self.diag_expansion(features, w_expansion)
         return diag, self._pairs(x, scalars, pairs, pair_vec, batch)
@@ -208,10 +234,12 @@ class BlockHead(nn.Module):
         if self.pair_gate is None:
             kept, kept_invariants = None, invariants
         else:
-            selection = self.pair_gate(projected, pairs, batch)
+            exempt = length < self.pair_keep_radius if self.pair_keep_radius > 0 else None
+            selection = self.pair_gate(projected, pairs, batch, exempt)
             kept, kept_invariants = selection.index, selection.invariants
             common, i, j = common.index_select(0, kept), i.index_select(0, kept), j.index_select(0, kept)
-        w_tp = self.pair_tp_weights(torch.cat([common, kept_invariants], -1))
+        hidden = self.pair_tp_weights[:-1](torch.cat([common, kept_invariants], -1))
+        w_tp = linear_columns(self.pair_tp_weights[-1], hidden, self.pair_tp.weight_columns)
         environment = self.pair_tp(self.pair_left(x).index_select(0, i), self.pair_right(x).index_select(0, j), w_tp)
         features = features + environment if kept is None else features.index_add(0, kept, environment)
         return self.pair_expansion(features, w_expansion)

@@ -63,10 +63,12 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
         bad = torch.nonzero(info).ravel().tolist()
         raise ValueError(f"overlap matrix not positive definite for molecule(s) {bad} of the batch (atoms too close?)")
     H = torch.stack([H_pred, H_true])
-    H = 0.5 * (H + H.mT)  # eigh reads one triangle; a prediction need not be exactly symmetric
     A = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, H, upper=False).mT, upper=False)
+    # eigh reads one triangle and a prediction need not be exactly symmetric: symmetrise. A is linear in H, so
+    # symmetrising A here equals symmetrising H first, at one pass over the matrices instead of two.
     eps, V = torch.linalg.eigh(0.5 * (A + A.mT))
-    C = torch.linalg.solve_triangular(L.mT, V, upper=True)  # (2, m, n, n), columns are orbitals
+    k = int(nocc.max())  # psi looks at occupied orbitals only: back-transform just those columns
+    C = torch.linalg.solve_triangular(L.mT, V[..., :k], upper=True)  # (2, m, n, k), columns are orbitals
 
     abs_err = (H_pred - H_true).abs()
     same_atom = atom_of[:, :, None] == atom_of[:, None, :]
@@ -76,7 +78,7 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
 
     occupied = (torch.arange(n, device=S.device)[None, :] < nocc[:, None]).to(f64)
     eps_err = (eps[0] - eps[1]).abs()
-    cos = (C[0] * C[1]).sum(1).abs() / (C[0].norm(dim=1) * C[1].norm(dim=1))
+    cos = (C[0] * C[1]).sum(1).abs() / (C[0].norm(dim=1) * C[1].norm(dim=1))  # (m, k)
     rows = torch.arange(m, device=S.device)
     homo = eps[:, rows, nocc - 1]
     lumo = eps[:, rows, nocc.clamp(max=n - 1)]
@@ -86,7 +88,7 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
         "h_diag_mae": h_diag,
         "h_offdiag_mae": h_off,
         "eps_mae": (eps_err * occupied).sum(1) / nocc,
-        "psi_cos": (cos * occupied).sum(1) / nocc,
+        "psi_cos": (cos * occupied[:, :k]).sum(1) / nocc,
         "homo_err": (homo[0] - homo[1]).abs(),
         "lumo_err": (lumo[0] - lumo[1]).abs(),
         "gap_err": ((lumo[0] - homo[0]) - (lumo[1] - homo[1])).abs(),

@@ -15,8 +15,11 @@
 
 Sparsity: with ``dense=False`` every tensor product of the encoder (but the first block's, whose paths each
 carry one l from the scalar embedding) and the head is a :class:`~metaham.nn.SparseTensorProduct` at
-``tp_sparsity``, and every interaction block and the head's environment term have a
-:class:`~metaham.nn.SparsePairGate` at ``pair_sparsity``; ``model.sparsity`` is the
+``tp_sparsity`` (by default keeping that share of the paths into each output irrep, so none is starved), and
+every interaction block and the head's environment term have a :class:`~metaham.nn.SparsePairGate` at
+``pair_sparsity`` over the pairs longer than ``pair_keep_radius`` (bonds) and ``head_pair_keep_radius``
+(first and second neighbours) respectively -- on molecules of a few atoms a plain per-molecule quantile
+drops bonded pairs (water would keep one of its three); ``model.sparsity`` is the
 :class:`~metaham.nn.SparsityScheduler` (random -> adaptive -> fixed, in optimizer steps; its state is in the
 model's ``state_dict``). ``dense=True`` removes both gates: the QHNet-like twin at identical widths.
 
@@ -61,6 +64,12 @@ class QH9Model(nn.Module):
         dense: no gates at all (the dense twin).
         tp_sparsity: sparsity of every tensor-product gate (ignored when dense; 0: dense tensor products).
         pair_sparsity: sparsity of the pair gates (ignored when dense; 0: no pair gate).
+        pair_keep_radius: pairs closer than this (Angstrom; 1.6 covers every covalent bond of H, C, N, O, F)
+            are exempt from the encoder's pair gates: messages between bonded atoms are never dropped.
+        head_pair_keep_radius: pairs closer than this (Angstrom; 3.0 covers first and second neighbours,
+            whose off-diagonal blocks are the large ones) always get the head's environment term.
+        tp_per_output: every tensor-product gate keeps its share of the paths into each output irrep (never
+            cuts an irrep off); False: a share of all paths of the product (may drop whole irreps).
         random_steps, adaptive_steps: optimizer steps of the scheduler's random and adaptive phases.
         residual: predict ``H_init + network`` (``H_init`` the MINAO-guess Fock matrix) instead of ``H``.
 
@@ -86,8 +95,11 @@ class QH9Model(nn.Module):
         dense: bool = False,
         tp_sparsity: float = 0.7,
         pair_sparsity: float = 0.7,
-        random_steps: int = 300,
-        adaptive_steps: int = 150,
+        pair_keep_radius: float = 1.6,
+        head_pair_keep_radius: float = 3.0,
+        tp_per_output: bool = True,
+        random_steps: int = 60,
+        adaptive_steps: int = 30,
         residual: bool = True,
     ) -> None:
         super().__init__()
@@ -110,7 +122,8 @@ class QH9Model(nn.Module):
         block_options = dict(
             lmax_sh=lmax_sh, num_basis=num_basis, cutoff=cutoff, radial_hidden=radial_hidden, pair_channels=pair_channels,
             tp_sparsity=0.0 if dense else tp_sparsity, pair_sparsity=None if dense or not pair_sparsity else pair_sparsity,
-            avg_num_neighbors=avg_num_neighbors, sh_axes="pyscf",
+            pair_keep_radius=pair_keep_radius, tp_per_output=tp_per_output, avg_num_neighbors=avg_num_neighbors,
+            sh_axes="pyscf",
         )
         # The first block's product has one path per output l (scalars x Y_l -> l): pruning any of them would
         # remove that l from the whole network, so its tensor product stays dense (it is also the cheapest).
@@ -125,6 +138,7 @@ class QH9Model(nn.Module):
             self.irreps_node, mul=head_mul, hidden=head_hidden, cutoff=head_cutoff, num_basis=num_basis,
             pair_channels=pair_channels, tp_sparsity=0.0 if dense else tp_sparsity,
             pair_sparsity=None if dense or not pair_sparsity else pair_sparsity,
+            pair_keep_radius=head_pair_keep_radius, tp_per_output=tp_per_output,
         )
         # Set from training data by fit_statistics: each element's invariant diagonal block (removes the
         # large, geometry-independent part: core levels of tens of Hartree) and the RMS of what is left.

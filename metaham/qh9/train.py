@@ -488,12 +488,13 @@ def evaluate_checkpoint(
     data: str | Path | None = None,
     part: str = "test",
     device: torch.device | str = "cpu",
-    batch_size: int = 16,
+    batch_size: int | None = None,
     keep_predictions: bool = False,
     progress: bool = True,
     trust_pickle: bool = False,
 ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
-    """QH9 metrics of a trained model on ``part`` of ``data`` (default: the training file), split as in training.
+    """QH9 metrics of a trained model on ``part`` of ``data`` (default: the training file), split as in training,
+    in batches of ``batch_size`` molecules (default: the run's ``train.eval_batch_size``).
 
     Returns:
         ``(summary, predictions)``: :func:`~metaham.qh9.metrics.summarize`'s keys plus ``part``,
@@ -506,6 +507,7 @@ def evaluate_checkpoint(
     model, state = load_model(checkpoint, device)
     config = state["config"]
     data = config["data"]["file"] if data is None else data
+    batch_size = batch_size or config["train"]["eval_batch_size"]
     with open_data(data, trust_pickle) as file:
         positions = split_positions(file, {**config["data"], "max_train": 0, "max_val": 0}, part)
         if not len(positions):

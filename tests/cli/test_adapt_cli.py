@@ -77,7 +77,8 @@ def test_adapt_reports_the_issue_json_shape_and_a_plot(run_dir, tmp_path, capsys
         assert list(metrics["vf_mse"]) == ["0", "1", "5", "10", "12"]
         assert all(isinstance(v, float) and v >= 0 for v in metrics["vf_mse"].values())
         assert 0 <= metrics["rollout_rel_err"] <= 1 and 0 <= metrics["energy_rel_err"] <= 1
-    assert "plain full-batch SGD at lr 0.3" in result["protocol"]
+    assert "full-batch SGD at lr 0.3, a step that does not lower the support loss halved up to 10" in result["protocol"]
+    assert result["adapt_backtrack"] == 10
     assert result["held_out"] is True
     assert plot.is_file() and plot.stat().st_size > 0
     assert "mse@10" in captured.out and "protocol:" in captured.out
@@ -90,12 +91,13 @@ def test_adapt_to_a_plugin_system(run_dir, tmp_path, capsys, monkeypatch):
     plugin.write_text(PLUGIN)
     code, captured = _adapt(capsys, "--checkpoint", str(run_dir), "--plugin", str(plugin),
                             "--system", "test_anisotropic_oscillator", "--shots", "5", "--steps", "2", "--tasks", "2",
-                            "--json")
+                            "--backtrack", "0", "--json")
     assert code == 0, captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])
     assert result["system"] == "test_anisotropic_oscillator" and result["held_out"] is False
     assert list(result["models"]["meta"]["vf_mse"]) == ["0", "1", "2"]
     assert "NOT held out" in captured.out
+    assert "plain full-batch SGD" in result["protocol"] and result["adapt_backtrack"] == 0
 
 
 @pytest.mark.parametrize(
@@ -107,6 +109,7 @@ def test_adapt_to_a_plugin_system(run_dir, tmp_path, capsys, monkeypatch):
         (["--system", "pendulum", "--shots", "5", "--steps", "2", "--tasks", "2.5"], "--tasks"),
         (["--system", "pendulum", "--shots", "500", "--steps", "2"], "k_support"),
         (["--system", "pendulum", "--shots", "5", "--steps", "2", "--plot", "curves.txt"], "--plot"),
+        (["--system", "pendulum", "--shots", "5", "--steps", "2", "--backtrack", "-1"], "--backtrack"),
     ],
 )
 def test_bad_input_exits_2_naming_it(run_dir, capsys, args, message):

@@ -119,3 +119,43 @@ def test_pair_sparsity_is_validated():
         SparsePairGate(FEAT, 1.0)
     with pytest.raises(ValueError, match="pair sparsity"):
         InteractionBlock(FEAT, FEAT, pair_sparsity=-0.2)
+
+
+def test_exempt_pairs_are_always_kept_ungated_and_the_rest_compete_among_themselves():
+    x, pos, edge_index, batch = _batch()
+    length = (pos[edge_index[1]] - pos[edge_index[0]]).norm(dim=-1)
+    exempt = length < length.median()
+    gate = SparsePairGate(FEAT, 0.7)
+    with torch.no_grad():  # make the exempt pairs score lowest: a plain quantile would drop them all
+        gate.scorer.weight.zero_()
+    sel = gate(x, edge_index, batch, exempt)
+    kept = torch.zeros_like(exempt)
+    kept[sel.index] = True
+    assert kept[exempt].all()
+    graph = batch[edge_index[0]]
+    for g in graph.unique():
+        free = (graph == g) & ~exempt
+        k = n_kept(0.7, int(free.sum())) if free.any() else 0
+        assert k <= int(kept[free].sum()) <= k + 1 or int(kept[free].sum()) == int(free.sum())  # ties keep more
+    inv = _invariants_by_hand(FEAT, x, edge_index)
+    position = {int(e): r for r, e in enumerate(sel.index)}
+    rows = torch.tensor([position[int(e)] for e in torch.nonzero(exempt).flatten()])
+    torch.testing.assert_close(sel.invariants[rows], inv[exempt])  # exempt: factor 1
+    assert torch.all(sel.threshold[exempt] == -torch.inf)
+
+
+def test_interaction_block_never_drops_pairs_within_the_keep_radius():
+    x, pos, edge_index, batch = _batch(sizes=(3, 4))  # tiny graphs: a plain 0.7 gate keeps 2 of 6 pairs
+    edge_vec = pos[edge_index[1]] - pos[edge_index[0]]
+    radius = float(edge_vec.norm(dim=-1).quantile(0.6))
+    rows = []
+    block = InteractionBlock(FEAT, FEAT, lmax_sh=2, cutoff=100.0, pair_sparsity=0.7, pair_keep_radius=radius)
+    block.tp.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    out = block(x, edge_vec, edge_index, batch)
+    short = edge_vec.norm(dim=-1) < radius
+    assert rows[0] >= int(short.sum()) + 1
+    moved = edge_vec.clone()
+    moved[torch.nonzero(short).flatten()[0]] *= 0.9  # every short pair sends a message
+    assert not torch.allclose(block(x, moved, edge_index, batch), out)
+    with pytest.raises(ValueError, match="pair_keep_radius"):
+        InteractionBlock(FEAT, FEAT, pair_sparsity=0.7, pair_keep_radius=-1.0)

@@ -1,4 +1,6 @@
 """SparseTensorProduct: dense equality with e3nn, the three phases' path sets and scales, compactness, errors."""
+import math
+
 import pytest
 import torch
 from e3nn import o3
@@ -231,3 +233,87 @@ def test_weight_layout_is_the_full_dense_layout_in_every_phase():
     for phase in ("random", "adaptive", "fixed"):
         tp.set_phase(phase)
         assert tp(x1, x2, w).shape == dense(x1, x2, w).shape
+
+
+def _outputs_reached(tp, paths):
+    return {tp.instructions[p][2] for p in paths}
+
+
+def test_global_top_k_can_cut_off_an_output_irrep_per_output_never_does():
+    # Weights that favour the paths into output 0: a global top-k drops every path into the others.
+    irreps = ("2x0e+2x1o+2x2e", "0e+1o+2e", "2x0e+2x1o+2x2e")
+    for per_output in (False, True):
+        tp = SparseTensorProduct(*irreps, sparsity=0.7, per_output=per_output)
+        with torch.no_grad():
+            tp.path_weight.copy_(torch.tensor([10.0 if ins[2] == 0 else 1.0 for ins in tp.instructions]))
+        tp.set_phase("fixed")
+        reached = _outputs_reached(tp, tp.kept_paths)
+        assert (reached == set(range(len(tp.irreps_out)))) == per_output
+        x1, x2, w = _inputs(tp)
+        out = tp(x1, x2, w)
+        assert all((out[:, s].abs().sum() > 0) == (io in reached) for io, s in enumerate(tp.irreps_out.slices()))
+
+
+def test_per_output_keeps_the_rounded_share_of_each_outputs_paths_in_every_phase():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7, per_output=True)
+    into = {io: [p for p, ins in enumerate(tp.instructions) if ins[2] == io] for io in range(len(tp.irreps_out))}
+    want = {io: n_kept(0.7, len(paths)) for io, paths in into.items()}
+    assert tp.n_keep == sum(want.values())
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.randn(tp.n_paths))
+    tp.train()
+    draws = {tp._select_paths() for _ in range(30)}
+    assert len(draws) > 1  # random phase: random, and per output
+    tp.set_phase("adaptive")
+    for paths in [*draws, tp.kept_paths]:
+        assert {io: sum(1 for p in paths if p in into[io]) for io in into} == want
+    w = tp.path_weight.detach()
+    for io, paths in into.items():  # adaptive: the top weights within each output
+        kept = [p for p in tp.kept_paths if p in paths]
+        assert min(w[kept]) >= max([w[p] for p in paths if p not in kept], default=-math.inf)
+
+
+def test_per_output_fixed_phase_checkpoint_reloads_compact(tmp_path):
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7, per_output=True)
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.rand(tp.n_paths) + 0.1)
+    tp.set_phase("fixed")
+    torch.save(tp.state_dict(), tmp_path / "tp.pt")
+    fresh = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7, per_output=True)
+    fresh.load_state_dict(torch.load(tmp_path / "tp.pt", weights_only=True))
+    assert fresh.phase == "fixed" and fresh.kept_paths == tp.kept_paths
+    x1, x2, w = _inputs(tp)
+    torch.testing.assert_close(fresh(x1, x2, w), tp(x1, x2, w), rtol=0, atol=0)
+
+
+def test_fixed_phase_reads_compact_weights_made_by_linear_columns_only():
+    from metaham.nn import linear_columns
+
+    with default_dtype(torch.float64):
+        tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.7, per_output=True)
+        layer = torch.nn.Linear(5, tp.weight_numel)
+        h = torch.randn(6, 5)
+        x1, x2, _ = _inputs(tp)
+        assert tp.weight_columns is None  # random phase: the full layout only
+        with pytest.raises(ValueError, match="full dense layout"):
+            tp(x1, x2, torch.randn(6, 7))
+        tp.set_phase("fixed")
+        columns = tp.weight_columns
+        want = [c for p in tp.kept_paths for c in range(tp._paths[p].w_start, tp._paths[p].w_stop)]
+        assert columns.tolist() == want and len(want) < tp.weight_numel
+        compact = linear_columns(layer, h, columns)
+        torch.testing.assert_close(compact, layer(h)[:, columns], rtol=0, atol=1e-12)
+        torch.testing.assert_close(tp(x1, x2, compact), tp(x1, x2, layer(h)), rtol=0, atol=1e-12)
+        assert torch.equal(linear_columns(layer, h, None), layer(h))
+
+
+def test_fixed_phase_folds_the_path_weights_into_constants():
+    tp = SparseTensorProduct(FEAT, SH, FEAT, sparsity=0.5)
+    with torch.no_grad():
+        tp.path_weight.copy_(torch.rand(tp.n_paths) + 0.5)
+    tp.set_phase("fixed")
+    x1, x2, w = _inputs(tp)
+    want = _e3nn_with_path_scales(tp, x1, x2, w, _renormalised(tp, tp.kept_paths))
+    torch.testing.assert_close(tp(x1, x2, w), want, rtol=1e-5, atol=1e-5)
+    tp(x1, x2, w.requires_grad_()).sum().backward()
+    assert w.grad.abs().sum() > 0 and tp.path_weight.grad is None  # no gate work left in the compact product

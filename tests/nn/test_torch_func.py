@@ -86,7 +86,8 @@ def test_grad_and_second_order_match_eager(kind, phase, pair_sparsity):
         _close(grad(lambda p: _loss(module, p, inputs))(params), eager_grad)
         _close(grad(lambda p: _maml(module, p, inputs))(params), eager_meta)
         gate_grads = [eager_grad[k] for k in eager_grad if k.endswith("path_weight")]
-        assert gate_grads and all(g.abs().sum() > 0 for g in gate_grads)  # the gate weights train
+        # The gate weights train until the fixed phase folds them into the compact product as constants.
+        assert gate_grads and all((g.abs().sum() > 0) == (phase != "fixed") for g in gate_grads)
         if pair_sparsity is not None:
             assert eager_grad["pair_gate.scorer.weight"].abs().sum() > 0  # and so does the pair scorer
 

@@ -1,4 +1,4 @@
-"""``metaham qh9 ...`` and ``metaham bench qh9``: summaries, JSON last lines, exit code 2 on bad input."""
+"""``metaham qh9 ...``: summaries, JSON last lines, exit code 2 on bad input."""
 import json
 
 from metaham.cli import main
@@ -49,11 +49,3 @@ def test_bad_input_exits_2_with_a_message(tmp_path, capsys, generated):
     path, _ = generated
     assert main(["qh9", "baseline", "--data", str(path), "--split-by", "stable-ood"]) == 2
     assert "the 'test' part of the stable-ood split is empty" in capsys.readouterr().err
-
-
-def test_bench_qh9_runs_and_routes_agree(capsys):
-    assert main(["bench", "qh9", "--part", "eval", "--molecules", "1", "--conformers", "2", "--repeats", "1", "--json"]) == 0
-    result, summary = _json(capsys)
-    assert result["n_molecules"] == 2 and result["eval_speedup"] > 0
-    assert result["max_metric_difference"] < 1e-9
-    assert "eval_speedup" in summary

@@ -106,3 +106,26 @@ def test_evaluate_model_and_saved_predictions(generated, tmp_path):
         assert saved["ids"].tolist() == [r.id for r in records]
         for r in records:
             assert saved[f"H_{r.id}"].tobytes() == r.H_init.tobytes()
+
+
+def test_equal_size_molecules_with_different_occupation_in_one_call():
+    """H2CO and H2O2 both have 38 AOs but 8 and 9 occupied orbitals: one batched call scores each with its own.
+    Displaced geometries: no symmetry, so no degenerate orbitals whose basis LAPACK may choose freely."""
+    from metaham.qh9.formats import Record
+    from metaham.qh9.generate import conformer, g2_molecules
+
+    records = []
+    for k, m in enumerate(g2_molecules(["H2CO", "H2O2"])):
+        pos = conformer(m, 1, 0.05, seed=0)
+        mol = gto.M(atom=[[int(z), tuple(p)] for z, p in zip(m.Z, pos)], basis="def2-svp", unit="Angstrom", verbose=0)
+        H_core = mol.intor("int1e_kin") + mol.intor("int1e_nuc")
+        records.append(Record(k, np.asarray(m.Z), pos, H_core, None, m.name, 0))
+    assert [r.norb for r in records] == [38, 38]
+    predictions = _noisy(records, 1e-2, seed=3)
+    evaluator = Evaluator()
+    evaluator.add_records(records, predictions)
+    ours = evaluator.per_molecule()
+    for i, (record, H_pred) in enumerate(zip(records, predictions)):
+        expected = _scipy_errors(H_pred, record)
+        for key in SUMMARY_NAMES:
+            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)

@@ -84,13 +84,16 @@ def test_predicted_matrix_rotates_as_wigner_D_H_DT_in_pyscf_order(phase):
             assert all(torch.allclose(h, h.T) for h in rotated)
 
 
-def test_fixed_phase_keeps_30_percent_of_paths_and_pairs_dense_twin_has_no_gate():
+def test_fixed_phase_keeps_30_percent_of_each_outputs_paths_dense_twin_has_no_gate():
     sparse, dense = _model("fixed"), _model("dense")
     gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
     assert sparse.blocks[0].tp.sparsity == 0  # its paths each carry one l out of the scalar embedding
     assert len(gates) == 1 + 2  # the second interaction block, the head's diagonal and pair products
     for gate in gates:
-        assert gate.phase == "fixed" and abs(len(gate.kept_paths) / gate.n_paths - 0.3) < 0.1
+        assert gate.phase == "fixed" and gate.per_output and gate.weight_columns is not None
+        for io in range(len(gate.irreps_out)):  # every output irrep keeps round(30%) of its paths, >= 1
+            into = [p for p, ins in enumerate(gate.instructions) if ins[2] == io]
+            assert sum(p in gate.kept_paths for p in into) == max(1, round(0.3 * len(into)))
     assert sum(isinstance(m, SparsePairGate) for m in sparse.modules()) == 3  # two blocks and the head
     assert not any(isinstance(m, SparsePairGate) for m in dense.modules())
     assert all(g.sparsity == 0 and len(g.kept_paths) == g.n_paths for g in dense.sparsity.gates)

@@ -108,4 +108,4 @@ def test_bench_train_speedup_runs(capsys):
     assert main(["bench", "qh9", "--part", "train", "--train-molecules", "1", "--train-repeats", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["train_speedup"] > 0 and result["train_dense_s"] > 0 and result["train_sparse_s"] > 0
-    assert 0 < result["kept_paths"] < result["total_paths"]
+    assert 0 < result["kept_paths"] < result["total_paths"] and 0 < result["kept_pair_fraction"] <= 1

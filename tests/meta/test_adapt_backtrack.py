@@ -1,0 +1,79 @@
+"""Safeguarded adaptation (``backtrack``): a step that does not lower the support loss is halved until it does
+(skipped if it never does); steps that descend are plain SGD's; per task under vmap."""
+import pytest
+import torch
+
+from metaham.meta import MetaTask, adapt
+from metaham.meta.adapt import adapt_tasks
+
+from meta_problems import linear_loss, linear_task, make_linear_model
+
+
+def _support_loss(w, task):
+    x, y = task.support
+    return float((x @ w - y).pow(2).mean())
+
+
+def _reference(w, task, lr, steps, backtrack):
+    """The rule written out for least squares: try lr, lr/2, ... lr/2^backtrack; keep w if none descends."""
+    x, y = task.support
+    for _ in range(steps):
+        g = 2 / len(y) * x.T @ (x @ w - y)
+        for halvings in range(backtrack + 1):
+            trial = w - lr * 0.5**halvings * g
+            if _support_loss(trial, task) <= _support_loss(w, task):
+                w = trial
+                break
+    return w
+
+
+def _unstable_lr(task):
+    # Plain SGD on mean((Xw - y)^2) is unstable above 2 / lambda_max(2 X^T X / n); take 8x that.
+    x, _ = task.support
+    return 8 * len(x) / float(torch.linalg.eigvalsh(x.T @ x).max())
+
+
+def test_backtracking_stops_the_divergence_of_too_large_a_step():
+    torch.manual_seed(0)
+    model, task = make_linear_model(), linear_task(n_support=12)
+    lr = _unstable_lr(task)
+    plain = adapt(model, task.support, task.support, steps=20, lr=lr, loss=linear_loss)
+    assert plain.query_loss[-1] > 1e6 * plain.query_loss[0]  # the failure being fixed
+    safe = adapt(model, task.support, task.support, steps=20, lr=lr, loss=linear_loss, backtrack=10)
+    assert all(b <= a for a, b in zip(safe.query_loss, safe.query_loss[1:]))  # monotone support loss
+    assert safe.query_loss[-1] < 0.5 * safe.query_loss[0]
+    expected = _reference(model.weight.detach()[0], task, lr, 20, backtrack=10)
+    torch.testing.assert_close(safe.params["weight"][0], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_descending_steps_are_plain_sgd_and_a_step_that_never_descends_is_skipped():
+    torch.manual_seed(1)
+    model, task = make_linear_model(), linear_task(n_support=12)
+    small = 0.05 / _unstable_lr(task)  # 400x below the stability limit: every plain step descends
+    plain = adapt(model, task.support, task.query, steps=5, lr=small, loss=linear_loss)
+    safe = adapt(model, task.support, task.query, steps=5, lr=small, loss=linear_loss, backtrack=3)
+    torch.testing.assert_close(safe.params["weight"], plain.params["weight"], rtol=0, atol=0)
+    # lr 1e6 x the limit with one halving allowed: both trials overshoot, so the weights stay.
+    huge = adapt(model, task.support, task.query, steps=2, lr=1e6 * _unstable_lr(task), loss=linear_loss, backtrack=1)
+    torch.testing.assert_close(huge.params["weight"], model.weight.detach(), rtol=0, atol=0)
+
+
+def test_vmapped_tasks_backtrack_each_on_its_own():
+    torch.manual_seed(2)
+    model = make_linear_model()
+    calm = linear_task(n_support=12)
+    x, y = linear_task(n_support=12).support
+    steep = MetaTask((10 * x, y), calm.query, None)  # 100x the curvature: only this task needs halvings
+    lr = 0.5 * _unstable_lr(calm)
+    together = adapt_tasks(model, [calm, steep], steps=6, lr=lr, loss=linear_loss, backtrack=12)
+    for task, result in zip([calm, steep], together):
+        alone = adapt(model, task.support, task.query, steps=6, lr=lr, loss=linear_loss, backtrack=12)
+        torch.testing.assert_close(result.params["weight"], alone.params["weight"], rtol=1e-10, atol=1e-12)
+        expected = _reference(model.weight.detach()[0], task, lr, 6, backtrack=12)
+        torch.testing.assert_close(result.params["weight"][0], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_backtrack_must_be_a_non_negative_integer():
+    model, task = make_linear_model(), linear_task()
+    with pytest.raises(ValueError, match="backtrack"):
+        adapt(model, task.support, task.query, loss=linear_loss, backtrack=-1)
