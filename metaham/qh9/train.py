@@ -79,7 +79,7 @@ SCHEMA: dict[str, Any] = {
         "seed": 0,
         "checkpoint_every": 0,
         "max_minutes": 0.0,
-        "eval_batch_size": 16,
+        "eval_batch_size": 64,
     },
     "device": "auto",
     "threads": 0,
