@@ -180,20 +180,35 @@ def _markdown(runs: list[dict], args) -> str:
             f"| {run['system']} | {run['backbone']} | {learners['meta']['seconds']:.0f} | "
             f"{learners.get('pretrained', {}).get('seconds', float('nan')):.0f} | {run['adapt']['seconds']:.0f} |"
         )
-    common = {k: v for k, v in first["deviations"].items() if all(r["deviations"].get(k) == v for r in runs)}
-    sets = " ".join(f"{k}={v}" for k, v in common.items())
-    env = " ".join(x for x in (f'SET="{sets}"' if sets else "",
-                               f"DOC={args.out}" if args.out != Path("docs/results_meta.md") else "",
-                               f"TASKS={args.tasks}" if args.tasks != PROTOCOL["tasks"] else "") if x)
+    total = sum(
+        r["train"]["learners"]["meta"]["seconds"] + r["train"]["learners"].get("pretrained", {}).get("seconds", 0.0)
+        + r["adapt"]["seconds"] for r in runs
+    )
+    lines += [
+        "",
+        f"Total: {total:.0f} s of one process ({total / 3600:.2f} h), so about {total / 7200:.2f} h on 2 cores with two "
+        "held-out systems at a time (`JOBS=2`, the script's default).",
+    ]
+
+    def deviations(backbone: str) -> dict:  # overrides shared by every run of one backbone
+        mine = [r for r in runs if r["backbone"] == backbone]
+        return {k: v for k, v in mine[0]["deviations"].items() if all(r["deviations"].get(k) == v for r in mine)}
+
+    def env(backbone: str) -> str:
+        sets = " ".join(f"{k}={v}" for k, v in deviations(backbone).items())
+        return " ".join(x for x in (f'SET="{sets}"' if sets else "",
+                                    f"DOC={args.out}" if args.out != Path("docs/results_meta.md") else "",
+                                    f"TASKS={args.tasks}" if args.tasks != PROTOCOL["tasks"] else "") if x)
+
     root = "" if str(args.root) == "runs/results_meta" else f" {args.root}"
-    hand = "".join(f" --set {k}={v}" for k, v in common.items())
+    hand = "".join(f" --set {k}={v}" for k, v in deviations(backbones[0]).items())
     example = f"{args.root}/{backbones[0]}/leave_pendulum"
     lines += [
         "",
         "## Reproduce",
         "",
         "```bash",
-        *(f"{env + ' ' if env else ''}scripts/results_meta.sh {b}{root}   # 4 held-out systems, then this file"
+        *(f"{env(b) + ' ' if env(b) else ''}scripts/results_meta.sh {b}{root}   # 4 held-out systems, then this file"
           for b in backbones),
         "```",
         "",
