@@ -247,14 +247,9 @@ def _trained_shape_model(options: dict, dataset, batch_size: int):
 
     torch.manual_seed(0)
     model = QH9Model(**{**options, "random_steps": 0, "adaptive_steps": 1})
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for gate in model.sparsity.gates:
-            if gate.sparsity > 0:
-                gate.path_weight.copy_(0.5 + torch.rand(gate.n_paths, generator=generator))
+    _seed_path_weights(model)
     model.sparsity.step()  # adaptive: keep the top-weight paths; then fixed: freeze them
-    if not model.dense and model.sparsity.phase != "fixed":
-        raise RuntimeError(f"the sparse model should be in the fixed phase, is in {model.sparsity.phase}")
+    _require_fixed_phase(model)
     indices = range(len(dataset))
     model.fit_statistics(collate([dataset[i] for i in indices[s : s + batch_size]]) for s in indices[::batch_size])
     return model.eval()
@@ -306,11 +301,7 @@ def time_training_steps(batch, device, repeats: int) -> dict:
     def setup(dense: bool):
         torch.manual_seed(0)
         model = QH9Model(**{**options, "dense": dense, "random_steps": 1, "adaptive_steps": 0}).to(device)
-        generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for gate in model.sparsity.gates:
-                if gate.sparsity > 0:  # random importance weights: the fixed phase keeps a random subset
-                    gate.path_weight.copy_(0.5 + torch.rand(gate.n_paths, generator=generator))
+        _seed_path_weights(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
         target = model.target(batch)
 
@@ -329,8 +320,7 @@ def time_training_steps(batch, device, repeats: int) -> dict:
 
     sparse, sparse_step = setup(False)
     dense, dense_step = setup(True)
-    if sparse.sparsity.phase != "fixed":
-        raise RuntimeError(f"the sparse model should be in the fixed phase, is in {sparse.sparsity.phase}")
+    _require_fixed_phase(sparse)
     # The pairs the pair gates keep, summed over the gates (encoder blocks and head) of one step.
     pair_counts: list[tuple[int, int]] = []
     hooks = [m.register_forward_hook(lambda _m, _a, out: pair_counts.append((len(out.index), len(out.score))))
@@ -355,3 +345,21 @@ def time_training_steps(batch, device, repeats: int) -> dict:
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),
         "parameters_dense": sum(p.numel() for p in dense.parameters()),
     }
+
+
+def _seed_path_weights(model) -> None:
+    """Seeded random importance weights on every sparse tensor-product gate of ``model``, so that the fixed phase
+    the benchmarks time keeps a random subset of paths (a trained model keeps those its adaptive phase ranked
+    highest; the cost depends only on how many are kept)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for gate in model.sparsity.gates:
+            if gate.sparsity > 0:
+                gate.path_weight.copy_(0.5 + torch.rand(gate.n_paths, generator=generator).to(gate.path_weight))
+
+
+def _require_fixed_phase(model) -> None:
+    if not model.dense and model.sparsity.phase != "fixed":
+        raise RuntimeError(f"the sparse model should be in the fixed phase, is in {model.sparsity.phase}")
