@@ -78,32 +78,6 @@ class _Group(NamedTuple):
     scale_pos: slice  # where each column's position in the selection (for its gate scale) is listed
 
 
-class _Bundle(NamedTuple):
-    """Groups whose paths all have ``mul`` channels (``uvu`` with single harmonics, ``uuu``): their
-    contractions are concatenated into one ``(N, mul, width)`` tensor, weighted by ONE gathered multiplication
-    and summed into their outputs by ONE product with a 0/1 matrix, instead of a few small operations (and as
-    many in the backward pass) per path -- on a CPU those per-path operations cost more than the contractions."""
-
-    mul: int
-    groups: tuple[int, ...]  # indices into the selection's groups, in column order
-    inputs: tuple[int, ...]  # the x1 irreps of those groups, in order of first use (uvu: stacked along m)
-    width: int  # columns of the concatenated contractions
-    weights: slice  # packed index tensor: the weight column of every (channel, column), full layout
-    weights_compact: slice  # the same in the compact layout (selected paths' columns only)
-    reduce: tuple[int, int] | None  # (offset, n_out) of its (width, n_out) 0/1 matrix in the packed
-    # floats; None where that matrix is the identity (one path per output, in order: nothing to sum)
-    outputs: tuple[tuple[int, int, int], ...]  # (i_out, start, stop): the output irreps' columns of the sum
-
-
-class _Plan(NamedTuple):
-    """How a selection of paths is evaluated (see :meth:`SparseTensorProduct._compile`)."""
-
-    groups: tuple[_Group, ...]
-    bundles: tuple[_Bundle, ...]  # empty where the weights are not one per channel (uvw, uvu with x2 muls)
-    index: torch.Tensor  # packed index arrays, sliced by the groups and bundles
-    reduce: torch.Tensor  # packed 0/1 matrices of the bundles
-
-
 def check_sparsity(sparsity: float, what: str = "sparsity") -> float:
     """``sparsity`` as a float in [0, 1), or a ValueError naming ``what`` and the value."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
@@ -340,9 +314,8 @@ class SparseTensorProduct(nn.Module):
         # The evaluation plan of the kept set is compiled here, outside any torch.func transform, into a
         # buffer: tensors created inside a transform must not be cached, and a buffer follows .to(device).
         self._kept = paths
-        self._kept_plan = self._compile(paths, self.kept_mask.device)
-        self.register_buffer("_kept_index", self._kept_plan.index, persistent=False)
-        self.register_buffer("_kept_reduce", self._kept_plan.reduce, persistent=False)
+        self._kept_groups, index = self._compile(paths, self.kept_mask.device)
+        self.register_buffer("_kept_index", index, persistent=False)
         self._freeze()
 
     @property
@@ -351,30 +324,31 @@ class SparseTensorProduct(nn.Module):
         kept paths read, ascending; ``forward`` then also takes ``weight (N, K)`` holding just those, so the
         layer producing the weights need not compute the rest (see :func:`linear_columns`). Otherwise None:
         pass the full layout."""
-        return self._weight_index
+        return None if self._frozen is None else self._weight_index
 
     def _weight_widths(self) -> tuple[int, ...]:
-        return (self.weight_numel,) if self._weight_index is None else (self.weight_numel, len(self._weight_index))
+        return (self.weight_numel,) if self._frozen is None else (self.weight_numel, len(self._weight_index))
 
     def _freeze(self) -> None:
-        """Evaluate the contraction operands once where they are constants: in the fixed phase, with the kept
-        paths' renormalised weights folded in (the compact product then does no per-call gate work, as a
-        product rebuilt from the kept instructions would not), and always when ``sparsity == 0``. One packed
-        buffer; outside those cases none (the operands carry the gate scales' gradients)."""
-        self._frozen: list[tuple[int, ...]] | None = None
-        self.register_buffer("_weight_index", None, persistent=False)
-        if self.sparsity > 0 and self._phase != "fixed":
+        """In the fixed phase, fold the kept paths' renormalised weights into their groups' Clebsch-Gordan
+        tensors once (one packed buffer): the compact product then does no per-call gate work, as a product
+        rebuilt from the kept instructions would not. Outside the fixed phase: no frozen tensors."""
+        self._frozen: list[tuple[int, tuple[int, ...]]] | None = None
+        if self.sparsity == 0 or self._phase != "fixed":
             self.register_buffer("_frozen_cg", None, persistent=False)
+            self.register_buffer("_weight_index", None, persistent=False)
             return
         with torch.no_grad():
             scales = self._path_scales(self._kept_index[: len(self._kept)])
-            operands = self._operands(self._kept_plan, self._kept_index, scales)
-        self._frozen = [tuple(op.shape) for op in operands]
-        self.register_buffer("_frozen_cg", torch.cat([op.reshape(-1) for op in operands]), persistent=False)
-        if self.sparsity > 0:
-            columns = [c for p in self._kept for c in range(self._paths[p].w_start, self._paths[p].w_stop)]
-            index = torch.tensor(columns, dtype=torch.long, device=self.kept_mask.device)
-            self.register_buffer("_weight_index", index, persistent=False)
+            cgs = [self._group_cg(group, self._kept_index, scales) for group in self._kept_groups]
+        self._frozen, offset = [], 0
+        for cg in cgs:
+            self._frozen.append((offset, tuple(cg.shape)))
+            offset += cg.numel()
+        self.register_buffer("_frozen_cg", torch.cat([cg.reshape(-1) for cg in cgs]), persistent=False)
+        columns = [c for p in self._kept for c in range(self._paths[p].w_start, self._paths[p].w_stop)]
+        index = torch.tensor(columns, dtype=torch.long, device=self.kept_mask.device)
+        self.register_buffer("_weight_index", index, persistent=False)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -416,51 +390,21 @@ class SparseTensorProduct(nn.Module):
             weight = self.weight
         elif weight is None or weight.shape[:-1] != (x1.shape[0],) or weight.shape[-1] not in self._weight_widths():
             got = None if weight is None else tuple(weight.shape)
-            compact = "" if self._weight_index is None else f" or ({x1.shape[0]}, {len(self._weight_index)}) (compact)"
+            compact = f" or ({x1.shape[0]}, {len(self.weight_columns)}) (compact)" if self._frozen is not None else ""
             raise ValueError(
                 f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout){compact}, got {got}"
             )
         paths = self._select_paths()
         if paths is self._kept and self._frozen is not None:
-            operands, offset = [], 0
-            for shape in self._frozen:
-                operands.append(self._frozen_cg[offset : offset + math.prod(shape)].view(shape))
-                offset += math.prod(shape)
-            return self._contract(x1, x2, weight, self._kept_plan, self._kept_index, self._kept_reduce, operands)
+            flat = self._frozen_cg
+            cgs = [flat[o : o + math.prod(shape)].view(shape) for o, shape in self._frozen]
+            return self._contract(x1, x2, weight, self._kept_groups, cgs)
         if paths is self._kept:
-            plan, index, reduce = self._kept_plan, self._kept_index, self._kept_reduce
+            groups, index = self._kept_groups, self._kept_index
         else:  # a random-phase draw: compiled for this call only
-            plan = self._compile(paths, x1.device)
-            index, reduce = plan.index, plan.reduce
-        operands = self._operands(plan, index, self._path_scales(index[: len(paths)]))
-        return self._contract(x1, x2, weight, plan, index, reduce, operands)
-
-    def _operands(self, plan: _Plan, index: torch.Tensor, scales: torch.Tensor | None) -> list[torch.Tensor]:
-        """What :meth:`_contract` contracts with: each group's Clebsch-Gordan tensor ``(d1, d2, K)`` (gate
-        scales folded in) or, for ``uvu`` bundles, each bundle's ``(x2 dim, D1 * width)`` matrix, the groups'
-        tensors placed at their x2 rows, stacked x1 rows and columns (zeros elsewhere), so that a bundle's
-        contraction is one matrix product with ``x2`` and one batched product with its stacked ``x1`` blocks."""
-        cgs = [self._group_cg(g, index, scales) for g in plan.groups]
-        if not plan.bundles or self.mode != "uvu":
-            return cgs
-        matrices = []
-        for bundle in plan.bundles:
-            rows = {i1: 0 for i1 in bundle.inputs}
-            height = 0
-            for i1 in bundle.inputs:
-                rows[i1] = height
-                height += self.irreps_in1[i1].ir.dim
-            width = sum(cgs[g].shape[-1] for g in bundle.groups)
-            matrix = cgs[0].new_zeros(self.irreps_in2.dim, height, width)
-            column = 0
-            for g in bundle.groups:
-                group, cg = plan.groups[g], cgs[g]
-                path = self._paths[group.members[0][1]]
-                r0, k = rows[group.i_in1], cg.shape[-1]
-                matrix[path.j_start : path.j_stop, r0 : r0 + cg.shape[0], column : column + k] = cg.transpose(0, 1)
-                column += k
-            matrices.append(matrix.reshape(self.irreps_in2.dim, height * width))
-        return matrices
+            groups, index = self._compile(paths, x1.device)
+        scales = self._path_scales(index[: len(paths)])
+        return self._contract(x1, x2, weight, groups, [self._group_cg(g, index, scales) for g in groups])
 
     def _select_paths(self) -> tuple[int, ...]:
         if self.sparsity > 0 and self.training and self._phase == "random":
@@ -476,11 +420,9 @@ class SparseTensorProduct(nn.Module):
         w = self.path_weight.index_select(0, paths)
         return w / w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)
 
-    def _compile(self, paths: tuple[int, ...], device: torch.device) -> _Plan:
-        """The evaluation plan of the selected ``paths``: their groups (one contraction each), the bundles
-        that fuse the groups' weighting (modes where each path's weights are one per channel), one packed
-        LongTensor of index arrays (the path indices first, then each group's column and scale-position lists,
-        then each bundle's weight columns) and one packed float tensor of the bundles' 0/1 sum matrices."""
+    def _compile(self, paths: tuple[int, ...], device: torch.device) -> tuple[list[_Group], torch.Tensor]:
+        """Groups of the selected ``paths`` and one packed LongTensor of index arrays: the path indices
+        first, then each group's column and scale-position lists."""
         grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for j, p in enumerate(paths):
             path = self._paths[p]
@@ -495,94 +437,29 @@ class SparseTensorProduct(nn.Module):
             flat += cols + scale_pos
             middle = start + len(cols)
             groups.append(_Group(i1, i2, tuple(members), slice(start, middle), slice(middle, len(flat))))
-        bundles, reduce = self._bundles(paths, groups, flat) if self._fused else ((), [])
-        return _Plan(
-            tuple(groups), bundles, torch.tensor(flat, dtype=torch.long, device=device),
-            torch.tensor(reduce, dtype=self._cg_dtype, device=device),
-        )
+        return groups, torch.tensor(flat, dtype=torch.long, device=device)
 
-    @property
-    def _cg_dtype(self) -> torch.dtype:
-        return next(b for name, b in self.named_buffers(recurse=False) if name.startswith("_cg_")).dtype
-
-    @property
-    def _fused(self) -> bool:
-        """Whether every path's weights are one per channel (``uuu``, or ``uvu`` with single ``x2`` irreps),
-        so that the weighting of a whole bundle is one gathered multiplication (see :class:`_Bundle`)."""
-        return self.mode == "uuu" or (self.mode == "uvu" and all(mul == 1 for mul, _ in self.irreps_in2))
-
-    def _bundles(self, paths, groups: list[_Group], flat: list[int]) -> tuple[tuple[_Bundle, ...], list[float]]:
-        """Bundle the groups by multiplicity; appends the bundles' weight columns to ``flat`` and returns them
-        with the flattened 0/1 matrices (column of a contraction -> output component it adds to)."""
-        compact_start, offset = {}, 0
-        for p in paths:  # the compact weight layout: the selected paths' columns in path order
-            compact_start[p] = offset
-            offset += self._paths[p].w_stop - self._paths[p].w_start
-        by_mul: dict[int, list[int]] = {}
-        for g, group in enumerate(groups):
-            by_mul.setdefault(self.irreps_in1[group.i_in1].mul, []).append(g)
-        bundles, reduce = [], []
-        for mul, members in by_mul.items():
-            inputs = tuple(dict.fromkeys(groups[g].i_in1 for g in members))
-            columns = [(p, m) for g in members for _, p in groups[g].members
-                       for m in range(self.irreps_out[self._paths[p].i_out].ir.dim)]
-            outputs, n_out = {}, 0
-            for p, _ in columns:
-                io = self._paths[p].i_out
-                if io not in outputs:
-                    outputs[io] = n_out
-                    n_out += self.irreps_out[io].ir.dim
-            matrix = [[0.0] * n_out for _ in columns]
-            for c, (p, m) in enumerate(columns):
-                matrix[c][outputs[self._paths[p].i_out] + m] = 1.0
-            identity = n_out == len(columns) and all(row[c] == 1.0 for c, row in enumerate(matrix))
-            start = len(flat)
-            # (channel, column) -> weight column: path p's weight of channel u sits at w_start + u in both modes
-            flat += [self._paths[p].w_start + u for u in range(mul) for p, _ in columns]
-            middle = len(flat)
-            flat += [compact_start[p] + u for u in range(mul) for p, _ in columns]
-            bundles.append(_Bundle(
-                mul, tuple(members), inputs, len(columns), slice(start, middle), slice(middle, len(flat)),
-                None if identity else (len(reduce), n_out),
-                tuple((io, o, o + self.irreps_out[io].ir.dim) for io, o in outputs.items()),
-            ))
-            if not identity:
-                reduce += [v for row in matrix for v in row]
-        return tuple(bundles), reduce
-
-    def _contract(self, x1, x2, weight, plan: _Plan, index, reduce, operands) -> torch.Tensor:
+    def _contract(self, x1, x2, weight, groups, cgs) -> torch.Tensor:
         n = x1.shape[0]
+        shared = weight.dim() == 1
         # split(), not one slice per block: the backward of a slice allocates a zero tensor of the full input
         # per slice, which costs more than the contraction itself on CPU; split's backward is one cat.
         x1_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x1.split(self._sizes1, -1), self.irreps_in1)]
         x2_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x2.split(self._sizes2, -1), self.irreps_in2)]
-        compact = weight.shape[-1] != self.weight_numel
+        if weight.shape[-1] == self.weight_numel:
+            path_weights = dict(enumerate(weight.split([p.w_stop - p.w_start for p in self._paths], -1)))
+        else:  # compact: the kept paths' columns only, in path order
+            sizes = [self._paths[p].w_stop - self._paths[p].w_start for p in self._kept]
+            path_weights = dict(zip(self._kept, weight.split(sizes, -1)))
+
         outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
-        if plan.bundles:
-            for b, bundle in enumerate(plan.bundles):
-                if self.mode == "uvu":  # operands[b]: the bundle's (x2 dim, D1 * width) matrix
-                    a = [x1_blocks[i1] for i1 in bundle.inputs]
-                    a = a[0] if len(a) == 1 else torch.cat(a, dim=-1)  # (n, mul, D1)
-                    t = (x2 @ operands[b]).view(n, a.shape[-1], bundle.width)
-                    joint = a * t if a.shape[-1] == 1 else torch.bmm(a, t)
-                else:  # uuu: one contraction per group
-                    parts = [
-                        self._pair_contraction(
-                            x1_blocks[plan.groups[g].i_in1], x2_blocks[plan.groups[g].i_in2], operands[g]
-                        ).reshape(n, bundle.mul, operands[g].shape[-1])
-                        for g in bundle.groups
-                    ]
-                    joint = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (n, mul, width)
-                columns = index[bundle.weights_compact if compact else bundle.weights]
-                w = weight.index_select(-1, columns).view(*weight.shape[:-1], bundle.mul, bundle.width)
-                summed = joint * w
-                if bundle.reduce is not None:
-                    offset, n_out = bundle.reduce
-                    summed = summed @ reduce[offset : offset + bundle.width * n_out].view(bundle.width, n_out)
-                for io, a, b in bundle.outputs:
-                    outputs[io].append(summed[..., a:b])
-        else:
-            self._weigh_by_path(x1_blocks, x2_blocks, weight, plan.groups, operands, outputs)
+        for group, cg in zip(groups, cgs):
+            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
+            parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
+            for part, (_, p) in zip(parts, group.members):
+                path = self._paths[p]
+                w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
+                outputs[path.i_out].append(self._apply_weight(part, w, shared))
 
         pieces = []
         for io, (mul, ir) in enumerate(self.irreps_out):
@@ -594,23 +471,6 @@ class SparseTensorProduct(nn.Module):
             else:  # no selected path reaches this output
                 pieces.append(x1.new_zeros(n, mul * ir.dim))
         return torch.cat(pieces, dim=-1)
-
-    def _weigh_by_path(self, x1_blocks, x2_blocks, weight, groups, cgs, outputs) -> None:
-        """The general route (``uvw``, ``uvu`` with ``x2`` multiplicities): every path's part of its group's
-        contraction times its weights, appended to ``outputs[i_out]``."""
-        n, shared = x1_blocks[0].shape[0], weight.dim() == 1
-        if weight.shape[-1] == self.weight_numel:
-            path_weights = dict(enumerate(weight.split([p.w_stop - p.w_start for p in self._paths], -1)))
-        else:  # compact: the kept paths' columns only, in path order
-            sizes = [self._paths[p].w_stop - self._paths[p].w_start for p in self._kept]
-            path_weights = dict(zip(self._kept, weight.split(sizes, -1)))
-        for group, cg in zip(groups, cgs):
-            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
-            parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
-            for part, (_, p) in zip(parts, group.members):
-                path = self._paths[p]
-                w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
-                outputs[path.i_out].append(self._apply_weight(part, w, shared))
 
     def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """The group's normalised Clebsch-Gordan tensor ``(d1, d2, K)``, each path's columns times its gate
@@ -638,6 +498,8 @@ class SparseTensorProduct(nn.Module):
 
     def _apply_weight(self, part: torch.Tensor, w: torch.Tensor, shared: bool) -> torch.Tensor:
         z = "" if shared else "z"
+        if self.mode == "uuu":  # part (n, U, d), w ([n,] U)
+            return part * w.unsqueeze(-1)
         if self.mode == "uvu":  # part (n, U, V, d), w ([n,] U, V)
             if part.shape[2] == 1:
                 n, u, _, d = part.shape
