@@ -109,3 +109,6 @@ def test_bench_train_speedup_runs(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["train_speedup"] > 0 and result["train_dense_s"] > 0 and result["train_sparse_s"] > 0
     assert 0 < result["kept_paths"] < result["total_paths"] and 0 < result["kept_pair_fraction"] <= 1
+    # The hooks see the products, forward and backward, and they are a part of the step, not all of it.
+    for model in ("dense", "sparse"):
+        assert 0 < result[f"train_{model}_tp_s"] < result[f"train_{model}_s"]
