@@ -25,6 +25,9 @@ repeats); the fraction of pairs the gates kept on that batch is reported. Which 
 set by random importance weights (seeded): a trained model keeps the paths its adaptive phase ranked highest,
 whose cost may differ from a random subset's; the kept fraction of the dense cost is what the gate removes.
 The targets are core Hamiltonians (values do not change the cost).
+
+``--config PATH`` and ``--set KEY=VALUE`` (as for ``metaham qh9 train``) time another model: e.g.
+``--set model.pair_sparsity=0`` for tensor-product gates only. The JSON's ``overrides`` lists them.
 """
 from __future__ import annotations
 
@@ -57,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="molecules in the training batch: the largest G2 molecules, QM9-sized (default 8)",
     )
     parser.add_argument("--train-repeats", type=positive(int), default=5, help="timed training steps per model (default 5)")
+    parser.add_argument("--config", default=None, metavar="PATH", help="model config (default: configs/qh9.yaml)")
+    parser.add_argument(
+        "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.pair_sparsity=0 (repeatable): time another model",
+    )
     add_device_flag(parser)
 
 
@@ -84,19 +92,35 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     from metaham.cli._common import resolve_device
 
     device = resolve_device(args.device)
-    summaries, result = [], {"device": str(device)}
+    config = _config(args)
+    summaries, result = [], {"device": str(device), "config": args.config, "overrides": list(args.overrides)}
     if args.part in ("eval", "all"):
-        summary, part = _eval_speedup(args, device)
+        summary, part = _eval_speedup(args, config, device)
         summaries.append(summary)
         result.update(part)
     if args.part in ("train", "all"):
-        summary, part = _train_speedup(args, device)
+        summary, part = _train_speedup(args, config["model"], device)
         summaries.append(summary)
         result.update(part)
     return "\n\n".join(summaries), result
 
 
-def _eval_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
+def _config(args: argparse.Namespace) -> dict:
+    """The QH9 config both parts time: ``--config`` (default ``configs/qh9.yaml``) with the ``--set`` overrides."""
+    from metaham.cli._common import UsageError
+    from metaham.qh9.train import DEFAULT_CONFIG, load_train_config
+    from metaham.train import ConfigError
+
+    try:
+        config = load_train_config(args.config or DEFAULT_CONFIG, args.overrides)
+    except (ConfigError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+    if args.part in ("train", "all") and config["model"]["dense"]:
+        raise UsageError("model.dense=true: the train part times the config's sparse model against its dense twin")
+    return config
+
+
+def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, dict]:
     import copy
     import tempfile
     from pathlib import Path
@@ -109,9 +133,7 @@ def _eval_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
     from metaham.qh9.evaluate import Evaluator, evaluate_model
     from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
-    from metaham.qh9.train import DEFAULT_CONFIG, load_train_config
 
-    config = load_train_config(DEFAULT_CONFIG)
     batch_size = args.eval_batch_size or config["train"]["eval_batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.db"
@@ -258,7 +280,7 @@ def _trained_shape_model(options: dict, dataset, batch_size: int):
 TARGET_TRAIN_SPEEDUP = 3.0
 
 
-def _train_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
+def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tuple[str, dict]:
     from metaham.cli._common import table
     from metaham.qh9.dataset import collate
     from metaham.qh9.formats import Record
@@ -267,7 +289,7 @@ def _train_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
         Record(row, Z, pos, H_true, None, str(row), 0)
         for row, Z, pos, H_true, _ in _inputs(args.train_molecules, 1)
     ]
-    result = time_training_steps(collate(records), device, args.train_repeats)
+    result = time_training_steps(collate(records), device, args.train_repeats, model_options)
     speedup, met = result["train_speedup"], result["train_target_met"]
     rows = [
         ["dense twin (no gates)", f"{1e3 * result['train_dense_s']:.0f}", f"{1e3 * result['train_dense_tp_s']:.0f}",
@@ -289,9 +311,10 @@ def _train_speedup(args: argparse.Namespace, device) -> tuple[str, dict]:
     return summary, result
 
 
-def time_training_steps(batch, device, repeats: int) -> dict:
+def time_training_steps(batch, device, repeats: int, model_options: dict | None = None) -> dict:
     """Median time of one training step of the sparse model (fixed phase) and of its dense twin on ``batch``
-    (a :class:`~metaham.qh9.dataset.MoleculeBatch`; its ``H`` are the targets), in alternation."""
+    (a :class:`~metaham.qh9.dataset.MoleculeBatch`; its ``H`` are the targets), in alternation. The model is
+    ``QH9Model(**model_options)`` (default: the schema's, i.e. ``configs/qh9.yaml``), learning ``H`` itself."""
     import torch
 
     from metaham.bench import interleaved_median_times
@@ -300,7 +323,7 @@ def time_training_steps(batch, device, repeats: int) -> dict:
     from metaham.qh9.train import SCHEMA, matrix_loss
 
     batch = batch.to(device)
-    options = {**SCHEMA["model"], "residual": False}
+    options = {**(SCHEMA["model"] if model_options is None else model_options), "residual": False}
 
     def setup(dense: bool):
         torch.manual_seed(0)
@@ -347,7 +370,8 @@ def time_training_steps(batch, device, repeats: int) -> dict:
         "train_atoms": len(batch.Z),
         "kept_paths": sum(len(g.kept_paths) for g in gates),
         "total_paths": sum(g.n_paths for g in gates),
-        "kept_pair_fraction": sum(k for k, _ in pair_counts) / max(1, sum(n for _, n in pair_counts)),
+        # every pair is kept where no pair gate runs
+        "kept_pair_fraction": sum(k for k, _ in pair_counts) / sum(n for _, n in pair_counts) if pair_counts else 1.0,
         "train_dense_tp_s": in_products["dense"],
         "train_sparse_tp_s": in_products["sparse"],
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),

@@ -112,3 +112,14 @@ def test_bench_train_speedup_runs(capsys):
     # The hooks see the products, forward and backward, and they are a part of the step, not all of it.
     for model in ("dense", "sparse"):
         assert 0 < result[f"train_{model}_tp_s"] < result[f"train_{model}_s"]
+
+
+def test_bench_train_times_the_model_the_overrides_describe(capsys):
+    argv = ["bench", "qh9", "--part", "train", "--train-molecules", "1", "--train-repeats", "1", "--json"]
+    assert main([*argv, "--set", "model.pair_sparsity=0.0"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["overrides"] == ["model.pair_sparsity=0.0"] and result["kept_pair_fraction"] == 1  # no pair gate
+    assert main([*argv, "--set", "model.dense=true"]) == 2
+    assert "dense twin" in capsys.readouterr().err
+    assert main([*argv, "--set", "model.no_such_key=1"]) == 2
+    assert "no_such_key" in capsys.readouterr().err
