@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--eval-batch-size", type=positive(int), default=None,
-        help="molecules per batch of our evaluation route (default: train.eval_batch_size of configs/qh9.yaml)",
+        help="molecules per batch of our evaluation route (default: train.eval_batch_size of the config)",
     )
     parser.add_argument(
         "--train-molecules", type=positive(int), default=8,
