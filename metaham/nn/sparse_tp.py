@@ -492,6 +492,8 @@ class SparseTensorProduct(nn.Module):
         if v == 1:
             # Contract x2 with the CG tensor first (no U factor), then one batched matmul with x1.
             t = (b.reshape(n, d2) @ cg.transpose(0, 1).reshape(d2, d1 * k)).reshape(n, d1, k)
+            if d1 == 1:  # scalar x1: an outer product, where bmm is several times slower than a broadcast
+                return (a * t).reshape(n, u, 1, k)
             return torch.bmm(a, t).reshape(n, u, 1, k)
         t = torch.einsum("zvj,ijk->zvik", b, cg)
         return torch.einsum("zui,zvik->zuvk", a, t)  # (n, U, V, K)
