@@ -311,19 +311,19 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
     return summary, result
 
 
-def time_training_steps(batch, device, repeats: int, model_options: dict | None = None) -> dict:
+def time_training_steps(batch, device, repeats: int, model_options: dict) -> dict:
     """Median time of one training step of the sparse model (fixed phase) and of its dense twin on ``batch``
     (a :class:`~metaham.qh9.dataset.MoleculeBatch`; its ``H`` are the targets), in alternation. The model is
-    ``QH9Model(**model_options)`` (default: the schema's, i.e. ``configs/qh9.yaml``), learning ``H`` itself."""
+    ``QH9Model(**model_options)``, learning ``H`` itself."""
     import torch
 
     from metaham.bench import interleaved_median_times
     from metaham.nn import SparsePairGate
     from metaham.qh9.model import QH9Model
-    from metaham.qh9.train import SCHEMA, matrix_loss
+    from metaham.qh9.train import matrix_loss
 
     batch = batch.to(device)
-    options = {**(SCHEMA["model"] if model_options is None else model_options), "residual": False}
+    options = {**model_options, "residual": False}
 
     def setup(dense: bool):
         torch.manual_seed(0)
