@@ -10,7 +10,7 @@ from torch import nn
 from .gate import GatedNonlinearity
 from .linear import EquivariantLinear
 from .norm import EquivariantLayerNorm
-from .pair_gate import PairInvariants, SparsePairGate
+from .pair_gate import PairInvariants, SparsePairGate, check_keep_radius
 from .radial import BesselBasis, polynomial_cutoff
 from .sh import sh_irreps, spherical_harmonics
 from .sparse_tp import SparseTensorProduct, linear_columns
@@ -97,18 +97,17 @@ class InteractionBlock(nn.Module):
         self.radial = BesselBasis(num_basis, cutoff)
         if int(pair_channels) != pair_channels or pair_channels < 1:
             raise ValueError(f"pair_channels must be an integer >= 1, got {pair_channels!r}")
-        if not (math.isfinite(pair_keep_radius) and pair_keep_radius >= 0):
-            raise ValueError(f"pair_keep_radius must be a finite number >= 0, got {pair_keep_radius!r}")
-        self.pair_keep_radius = float(pair_keep_radius)
         # Invariants of a narrow projection: scoring every pair on the full features would cost as much as
         # a message and eat the pair gate's saving.
         self.irreps_pair = o3.Irreps([(int(pair_channels), ir) for ir in sorted({ir for _, ir in self.irreps_in})])
         # One linear map gives both the features that the messages carry and the narrow pair features.
         self.pre = EquivariantLinear(self.irreps_in, self.irreps_in + self.irreps_pair)
         if pair_sparsity is None:
+            check_keep_radius(pair_keep_radius)  # unused without a gate, but a bad value is still an error
             self.pair_gate, self.pair_invariants = None, PairInvariants(self.irreps_pair)
         else:
-            self.pair_gate, self.pair_invariants = SparsePairGate(self.irreps_pair, pair_sparsity, pair_per_graph), None
+            self.pair_gate = SparsePairGate(self.irreps_pair, pair_sparsity, pair_per_graph, pair_keep_radius)
+            self.pair_invariants = None
         self.edge_mlp = nn.Sequential(
             nn.Linear(num_basis + self.irreps_pair.num_irreps, radial_hidden),  # one invariant per channel
             nn.SiLU(),
@@ -125,8 +124,7 @@ class InteractionBlock(nn.Module):
         features, pair_features = self.pre(x).split([self.irreps_in.dim, self.irreps_pair.dim], dim=-1)
         length = torch.linalg.vector_norm(edge_vec, dim=-1)
         if self.pair_gate is not None:
-            exempt = length < self.pair_keep_radius if self.pair_keep_radius > 0 else None
-            kept = self.pair_gate(pair_features, edge_index, batch, exempt)
+            kept = self.pair_gate(pair_features, edge_index, batch, length)
             edge_index = edge_index.index_select(1, kept.index)
             edge_vec, length = edge_vec.index_select(0, kept.index), length.index_select(0, kept.index)
             invariants = kept.invariants

@@ -9,8 +9,8 @@ kept or dropped together). The kept pairs' invariants are multiplied by ``sigmoi
 (>= 0.5, differentiable), which is how the scorer learns; dropped pairs return nothing, so the caller
 computes no message for them.
 
-Optionally some pairs are exempt (``always_keep``, e.g. the pairs closer than a bond length): they are kept
-with their invariants unscaled, and the quantile and ``k_g`` are taken over each graph's other pairs only.
+Optionally the pairs shorter than ``keep_radius`` (e.g. a bond length) are exempt: they are kept with their
+invariants unscaled, and the quantile and ``k_g`` are taken over each graph's other pairs only.
 On small molecules a plain quantile keeps so few pairs that atoms lose their bonded neighbours; exempting
 the short pairs leaves the gate to prune what it is meant for, the many weak long-range pairs.
 
@@ -19,6 +19,7 @@ Data-dependent output sizes: the gate works eagerly and under ``functional_call`
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -86,18 +87,22 @@ class SparsePairGate(nn.Module):
         sparsity: fraction of pairs dropped in each graph, in [0, 1).
         per_graph: True (default): a quantile per graph, so every graph of a batch keeps its share of its own
             pairs; False: one quantile over all pairs of the batch.
+        keep_radius: pairs shorter than this are exempt (0: none); ``forward`` then needs their lengths.
 
-    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, always_keep (E,) bool or None)
+    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, length (E,) or None)
     -> PairSelection``; ``batch`` maps nodes to graphs (PyG convention; None: one graph). A pair belongs to
-    its source node's graph. Pairs where ``always_keep`` is True are kept ungated and take no part in the
+    its source node's graph. Pairs shorter than ``keep_radius`` are kept ungated and take no part in the
     quantile (their ``threshold`` entry is ``-inf``).
     """
 
-    def __init__(self, irreps_node: o3.Irreps | str, sparsity: float, per_graph: bool = True) -> None:
+    def __init__(
+        self, irreps_node: o3.Irreps | str, sparsity: float, per_graph: bool = True, keep_radius: float = 0.0
+    ) -> None:
         super().__init__()
         self.irreps_node = o3.Irreps(irreps_node)
         self.sparsity = check_sparsity(sparsity, "pair sparsity")
         self.per_graph = bool(per_graph)
+        self.keep_radius = check_keep_radius(keep_radius)
         self.invariants = PairInvariants(self.irreps_node)
         self.n_invariants = self.invariants.n_invariants
         self.scorer = nn.Linear(self.n_invariants, 1)
@@ -107,7 +112,7 @@ class SparsePairGate(nn.Module):
         x: torch.Tensor,
         edge_index: torch.Tensor,
         batch: torch.Tensor | None = None,
-        always_keep: torch.Tensor | None = None,
+        length: torch.Tensor | None = None,
     ) -> PairSelection:
         invariants = self.invariants(x, edge_index)
         score = self.scorer(invariants).squeeze(-1)
@@ -115,11 +120,13 @@ class SparsePairGate(nn.Module):
             graph = torch.zeros_like(edge_index[0])
         else:
             graph = batch.index_select(0, edge_index[0])
-        if always_keep is None:
+        if self.keep_radius == 0:
             threshold = _segment_quantile(score, graph, self.sparsity)
         else:
+            if length is None:
+                raise ValueError(f"this pair gate exempts pairs shorter than {self.keep_radius}: pass their lengths")
             # Exempt pairs pass any threshold; the others compete among themselves only.
-            free = torch.nonzero(~always_keep).flatten()
+            free = torch.nonzero(length >= self.keep_radius).flatten()
             threshold = torch.full_like(score, -torch.inf).index_put(
                 (free,), _segment_quantile(score.index_select(0, free), graph.index_select(0, free), self.sparsity)
             )
@@ -128,7 +135,14 @@ class SparsePairGate(nn.Module):
         return PairSelection(index, invariants.index_select(0, index) * factor.unsqueeze(-1), score, threshold)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_node}, sparsity={self.sparsity}, per_graph={self.per_graph}"
+        return f"{self.irreps_node}, sparsity={self.sparsity}, per_graph={self.per_graph}, keep_radius={self.keep_radius}"
+
+
+def check_keep_radius(radius: float, what: str = "pair_keep_radius") -> float:
+    """``radius`` as a float >= 0, or a ValueError naming ``what`` and the value."""
+    if not (math.isfinite(radius) and radius >= 0):
+        raise ValueError(f"{what} must be a finite number >= 0, got {radius!r}")
+    return float(radius)
 
 
 def _segment_quantile(score: torch.Tensor, segment: torch.Tensor, sparsity: float) -> torch.Tensor:

@@ -33,6 +33,8 @@ from metaham.nn import (
     spherical_harmonics,
 )
 
+from metaham.nn.pair_gate import check_keep_radius
+
 from .orbitals import PADDED_IRREPS
 
 
@@ -189,10 +191,11 @@ class BlockHead(nn.Module):
         self.irreps_pair = o3.Irreps([(int(pair_channels), ir) for ir in sorted({ir for _, ir in self.irreps_node})])
         self.pair_projection = EquivariantLinear(self.irreps_node, self.irreps_pair)
         self.pair_invariants = PairInvariants(self.irreps_pair)
-        self.pair_gate = None if pair_sparsity is None else SparsePairGate(self.irreps_pair, pair_sparsity)
-        if not (math.isfinite(pair_keep_radius) and pair_keep_radius >= 0):
-            raise ValueError(f"pair_keep_radius must be a finite number >= 0, got {pair_keep_radius!r}")
-        self.pair_keep_radius = float(pair_keep_radius)
+        if pair_sparsity is None:
+            check_keep_radius(pair_keep_radius)  # unused without a gate, but a bad value is still an error
+            self.pair_gate = None
+        else:
+            self.pair_gate = SparsePairGate(self.irreps_pair, pair_sparsity, keep_radius=pair_keep_radius)
         n_invariants = 2 * self.n_scalars + num_basis + self.pair_invariants.n_invariants
         # Two-centre features: the harmonics of natural parity (the only ones Y(r) has), one coefficient each.
         self._two_centre = [(k, ir.l) for k, (_, ir) in enumerate(self.irreps_features) if ir.p == (-1) ** ir.l]
@@ -234,8 +237,7 @@ class BlockHead(nn.Module):
         if self.pair_gate is None:
             kept, kept_invariants = None, invariants
         else:
-            exempt = length < self.pair_keep_radius if self.pair_keep_radius > 0 else None
-            selection = self.pair_gate(projected, pairs, batch, exempt)
+            selection = self.pair_gate(projected, pairs, batch, length)
             kept, kept_invariants = selection.index, selection.invariants
             common, i, j = common.index_select(0, kept), i.index_select(0, kept), j.index_select(0, kept)
         hidden = self.pair_tp_weights[:-1](torch.cat([common, kept_invariants], -1))

@@ -125,10 +125,12 @@ def test_exempt_pairs_are_always_kept_ungated_and_the_rest_compete_among_themsel
     x, pos, edge_index, batch = _batch()
     length = (pos[edge_index[1]] - pos[edge_index[0]]).norm(dim=-1)
     exempt = length < length.median()
-    gate = SparsePairGate(FEAT, 0.7)
+    gate = SparsePairGate(FEAT, 0.7, keep_radius=float(length.median()))
     with torch.no_grad():  # make the exempt pairs score lowest: a plain quantile would drop them all
         gate.scorer.weight.zero_()
-    sel = gate(x, edge_index, batch, exempt)
+    sel = gate(x, edge_index, batch, length)
+    with pytest.raises(ValueError, match="pass their lengths"):
+        gate(x, edge_index, batch)
     kept = torch.zeros_like(exempt)
     kept[sel.index] = True
     assert kept[exempt].all()
