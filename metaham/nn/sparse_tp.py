@@ -452,6 +452,13 @@ class SparseTensorProduct(nn.Module):
             sizes = [self._paths[p].w_stop - self._paths[p].w_start for p in self._kept]
             path_weights = dict(zip(self._kept, weight.split(sizes, -1)))
 
+        if self.mode == "uuu":
+            # Component-major copies (d, n * U) of the input blocks, made once per block and shared by the groups
+            # that read it: the outer products below then broadcast over whole rows (contiguous), several times
+            # faster on a CPU than over trailing dimensions of size 2l + 1, forward and backward.
+            x1_blocks = [_component_major(b) for b in x1_blocks]
+            x2_blocks = [_component_major(b) for b in x2_blocks]
+
         outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
         for group, cg in zip(groups, cgs):
             joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
@@ -483,12 +490,13 @@ class SparseTensorProduct(nn.Module):
         return cg if scales is None else cg * scales.index_select(0, index[group.scale_pos])
 
     def _pair_contraction(self, a: torch.Tensor, b: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+        k = cg.shape[-1]
+        if self.mode == "uuu":  # component-major blocks a (d1, n, U), b (d2, n, U), see _contract
+            (d1, n, u), d2 = a.shape, b.shape[0]
+            outer = (a.unsqueeze(1) * b.unsqueeze(0)).reshape(d1 * d2, n * u)
+            return (cg.reshape(d1 * d2, k).T @ outer).T.reshape(n, u, k)  # (n, U, K), a strided view
         n, u, d1 = a.shape
         v, d2 = b.shape[1], b.shape[2]
-        k = cg.shape[-1]
-        if self.mode == "uuu":
-            outer = (a.unsqueeze(-1) * b.unsqueeze(-2)).reshape(n, u, d1 * d2)
-            return outer @ cg.reshape(d1 * d2, k)  # (n, U, K)
         if v == 1:
             # Contract x2 with the CG tensor first (no U factor), then one batched matmul with x1.
             t = (b.reshape(n, d2) @ cg.transpose(0, 1).reshape(d2, d1 * k)).reshape(n, d1, k)
@@ -516,3 +524,8 @@ class SparseTensorProduct(nn.Module):
             f"paths={len(self._kept)}/{self.n_paths} ({self._phase}), "
             f"weight_numel={self.weight_numel}, internal_weights={self.internal_weights}"
         )
+
+
+def _component_major(block: torch.Tensor) -> torch.Tensor:
+    """``(n, U, d)`` -> ``(d, n, U)``, contiguous."""
+    return block.permute(2, 0, 1).contiguous()

@@ -151,9 +151,10 @@ def _slot_layout(Z: Tensor, ptr: Tensor) -> tuple[Tensor, Tensor, Tensor, list[i
     return slot_ao, molecule, flat_offset, norb.tolist()
 
 
-def _block_indices(Z: Tensor, ptr: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor, list[int]]:
-    """Flat indices of every block entry (diagonal blocks first, then pairs) ``(A + P, 14, 14)``, the same
-    for the transposed position, the valid-entry mask, and the AO counts."""
+def _block_indices(Z: Tensor, ptr: Tensor, pairs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, list[int]]:
+    """Where the filled entries of the padded blocks (diagonal blocks first, then pairs) ``(A + P, 14, 14)`` go:
+    their mask, their positions in the flattened blocks ``(F,)`` (ascending), the flat index of each in the
+    batch's concatenated matrices ``(F,)`` and that of its transposed position; and the AO counts."""
     slot_ao, molecule, flat_offset, norb = _slot_layout(Z, ptr)
     pairs = pairs.long()
     if pairs.numel():
@@ -162,15 +163,20 @@ def _block_indices(Z: Tensor, ptr: Tensor, pairs: Tensor) -> tuple[Tensor, Tenso
         if (molecule[pairs[0]] != molecule[pairs[1]]).any():
             raise ValueError("pairs must join atoms of the same molecule")
     atoms = torch.arange(len(Z), device=Z.device)
-    rows = torch.cat([atoms, pairs[0]])
-    cols = torch.cat([atoms, pairs[1]])
-    n = torch.tensor(norb, dtype=torch.long, device=Z.device)[molecule[rows]]
-    base = flat_offset[molecule[rows]]
-    r, c = slot_ao[rows][:, :, None], slot_ao[cols][:, None, :]
-    valid = (r >= 0) & (c >= 0)
-    index = base[:, None, None] + r * n[:, None, None] + c
-    index_t = base[:, None, None] + c * n[:, None, None] + r
-    return index, index_t, valid, norb
+    rows, cols = torch.cat([atoms, pairs[0]]), torch.cat([atoms, pairs[1]])
+    row_slots, col_slots = slot_ao[rows], slot_ao[cols]  # (A + P, 14): AO of each slot, -1 empty
+    valid = (row_slots[:, :, None] >= 0) & (col_slots[:, None, :] >= 0)
+    # Index arithmetic on the filled entries only: one nonzero, then gathers. (A boolean mask per tensor ran
+    # nonzero again for each, which dominated the assembly of a batch; integer division is slow on CPUs.)
+    block, r_slot, c_slot = torch.nonzero(valid).unbind(1)
+    row_slot = block * N_SLOTS + r_slot
+    entry = row_slot * N_SLOTS + c_slot
+    r = row_slots.reshape(-1).index_select(0, row_slot)
+    c = col_slots.reshape(-1).index_select(0, block * N_SLOTS + c_slot)
+    block_molecule = molecule[rows].index_select(0, block)
+    n = torch.tensor(norb, dtype=torch.long, device=Z.device).index_select(0, block_molecule)
+    base = flat_offset.index_select(0, block_molecule)
+    return valid, entry, base + r * n + c, base + c * n + r, norb
 
 
 def assemble(Z: Tensor, ptr: Tensor, diag: Tensor, pairs: Tensor, offdiag: Tensor) -> list[Tensor]:
@@ -188,14 +194,12 @@ def assemble(Z: Tensor, ptr: Tensor, diag: Tensor, pairs: Tensor, offdiag: Tenso
     Returns:
         ``B`` matrices ``(norb_b, norb_b)`` in pyscf AO order, symmetric (diagonal blocks are symmetrised).
     """
-    index, index_t, valid, norb = _block_indices(Z, ptr, pairs)
-    values = torch.cat([diag, offdiag])[valid]
-    where = torch.cat([index[valid], index_t[valid]])
+    _, entry, index, index_t, norb = _block_indices(Z, ptr, pairs)
+    values = torch.cat([diag, offdiag]).reshape(-1).index_select(0, entry)
+    where = torch.cat([index, index_t])
     total = sum(n * n for n in norb)
     sums = torch.zeros(total, dtype=values.dtype, device=values.device).index_add(0, where, torch.cat([values, values]))
-    counts = torch.zeros(total, dtype=values.dtype, device=values.device).index_add(
-        0, where, torch.ones_like(where, dtype=values.dtype)
-    )
+    counts = torch.bincount(where, minlength=total).to(values.dtype)
     flat = sums / counts.clamp(min=1)
     return [m.view(n, n) for m, n in zip(flat.split([n * n for n in norb]), norb)]
 
@@ -211,11 +215,12 @@ def decompose(H: list[Tensor], Z: Tensor, ptr: Tensor, pairs: Tensor) -> tuple[T
         ``(diag, offdiag, diag_mask, offdiag_mask)``: blocks ``(n_atoms, 14, 14)`` and ``(n_pairs, 14, 14)``
         (zero in empty slots) and boolean masks of the filled entries, same shapes.
     """
-    index, _, valid, norb = _block_indices(Z, ptr, pairs)
+    valid, entry, index, _, norb = _block_indices(Z, ptr, pairs)
     flat = torch.cat([h.reshape(-1) for h in H])
     if flat.numel() != sum(n * n for n in norb):
         raise ValueError(f"matrices hold {flat.numel()} entries, but Z needs {[f'{n}x{n}' for n in norb]}")
-    blocks = torch.zeros(valid.shape, dtype=flat.dtype, device=flat.device)
-    blocks[valid] = flat[index[valid]]
+    blocks = torch.zeros(valid.numel(), dtype=flat.dtype, device=flat.device)
+    blocks[entry] = flat.index_select(0, index)
+    blocks = blocks.view(valid.shape)
     n_atoms = len(Z)
     return blocks[:n_atoms], blocks[n_atoms:], valid[:n_atoms], valid[n_atoms:]
