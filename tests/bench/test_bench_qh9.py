@@ -23,4 +23,12 @@ def test_eval_bench_times_both_routes_and_they_agree(capsys):
     for key in ("reference", "batched", "reference_forward", "batched_forward", "reference_metrics", "batched_metrics"):
         assert result[f"eval_{key}_s"] > 0, key
     assert result["eval_speedup"] == pytest.approx(result["eval_reference_s"] / result["eval_batched_s"])
+    # Both routes ran at one thread and at all of torch's; each is scored at its faster setting.
+    by_threads = result["eval_by_threads"]
+    assert set(by_threads) == {"1", str(result["eval_threads"])}
+    for route in ("reference", "batched"):
+        assert result[f"eval_{route}_s"] == min(times[f"{route}_s"] for times in by_threads.values())
+        chosen = by_threads[str(result[f"eval_{route}_threads"])]
+        assert result[f"eval_{route}_forward_s"] == chosen[f"{route}_forward_s"]
     assert "eval_speedup" in summary and "forward ms/mol" in summary and "1 molecule at a time" in summary
+    assert "threads" in summary
