@@ -226,9 +226,10 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         f"QH9 evaluation end to end (model forward + metrics) on {n} molecules ({args.molecules} G2 molecules x "
         f"{args.conformers} conformers, {min(norbs)}-{max(norbs)} AOs), "
         f"{'dense' if model.dense else 'sparse fixed-phase'} model of configs/qh9.yaml, device {device}, "
-        f"median of {args.repeats}; speed-up against the test route at its faster thread count (*)\n"
+        f"median of {args.repeats}"
+        + ("; speed-up against the test route at its faster thread count (*)\n" if len(thread_counts) > 1 else "\n")
         + table(rows, ["route", "threads", "forward ms/mol", "metrics ms/mol", "total ms/mol", "speed-up"])
-        + f"\neval_speedup {speedup:.2f}, each route at its faster thread count "
+        + f"\neval_speedup {speedup:.2f}{', each route at its faster thread count' if len(thread_counts) > 1 else ''} "
         f"(target >= {TARGET_EVAL_SPEEDUP:g}: {'met' if met else 'NOT met'}); "
         f"the routes differ by at most {diff_H:.1e} Eh in a predicted matrix entry ({diff_H / learned:.1e} of the "
         f"largest entry the network adds to H_init; {dtype} vs float64 model), "
@@ -390,8 +391,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
     times = interleaved_median_times({"dense": dense_step, "sparse": sparse_step}, repeats=repeats, warmup=1)
     speedup = times["dense"] / times["sparse"]
     gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
-    in_products = {name: _tensor_product_seconds(model, step, repeats)
-                   for name, model, step in (("dense", dense, dense_step), ("sparse", sparse, sparse_step))}
+    in_products = _tensor_product_seconds({"dense": (dense, dense_step), "sparse": (sparse, sparse_step)}, repeats)
     return {
         "train_speedup": speedup,
         "train_target": TARGET_TRAIN_SPEEDUP,
@@ -411,10 +411,11 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
     }
 
 
-def _tensor_product_seconds(model, step, repeats: int) -> float:
-    """Median seconds per training ``step`` spent inside ``model``'s tensor products, forward and backward, read
-    by module hooks (the backward part is approximate: autograd may run other work between a product's
-    backward hooks). Separate steps from the timed ones: hooks add a little overhead of their own."""
+def _tensor_product_seconds(models: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per training step spent inside each model's tensor products, forward and backward, read
+    by module hooks: ``{name: (model, step)}`` -> ``{name: seconds}``, the models' steps in alternation (so that
+    the machine's drift hits all alike). The backward part is approximate: autograd may run other work between a
+    product's backward hooks. Separate steps from the timed ones: hooks add a little overhead of their own."""
     import statistics
     import time
 
@@ -429,24 +430,26 @@ def _tensor_product_seconds(model, step, repeats: int) -> float:
         spent[0] += time.perf_counter() - started.pop(key)
 
     hooks = []
-    for module in model.modules():
-        if isinstance(module, SparseTensorProduct):
-            hooks += [
-                module.register_forward_pre_hook(lambda m, _args: begin(("forward", m))),
-                module.register_forward_hook(lambda m, _args, _out: end(("forward", m))),
-                module.register_full_backward_pre_hook(lambda m, _grad: begin(("backward", m))),
-                module.register_full_backward_hook(lambda m, _grad_in, _grad_out: end(("backward", m))),
-            ]
-    per_step = []
+    for model, _ in models.values():
+        for module in model.modules():
+            if isinstance(module, SparseTensorProduct):
+                hooks += [
+                    module.register_forward_pre_hook(lambda m, _args: begin(("forward", m))),
+                    module.register_forward_hook(lambda m, _args, _out: end(("forward", m))),
+                    module.register_full_backward_pre_hook(lambda m, _grad: begin(("backward", m))),
+                    module.register_full_backward_hook(lambda m, _grad_in, _grad_out: end(("backward", m))),
+                ]
+    per_step: dict[str, list[float]] = {name: [] for name in models}
     try:
         for _ in range(repeats):
-            spent[0] = 0.0
-            step()
-            per_step.append(spent[0])
+            for name, (_, step) in models.items():
+                spent[0] = 0.0
+                step()
+                per_step[name].append(spent[0])
     finally:
         for hook in hooks:
             hook.remove()
-    return statistics.median(per_step)
+    return {name: statistics.median(values) for name, values in per_step.items()}
 
 
 def _seed_path_weights(model) -> None:
