@@ -69,10 +69,11 @@ class _Path(NamedTuple):
 
 
 class _Group(NamedTuple):
-    """Selected paths that share an input pair ``(i_in1, i_in2)`` and so one contraction."""
+    """Selected paths that share an input pair ``(i_in1, i_in2)`` and so one contraction (``i_in2`` None: the
+    paths of ``i_in1`` with every x2 irrep, contracted with all of x2 at once)."""
 
     i_in1: int
-    i_in2: int
+    i_in2: int | None
     members: tuple[tuple[int, int], ...]  # (position in the selection, path index)
     cols: slice  # where, in the packed index tensor, this group's Clebsch-Gordan columns are listed
     scale_pos: slice  # where each column's position in the selection (for its gate scale) is listed
@@ -164,6 +165,10 @@ class SparseTensorProduct(nn.Module):
         else:
             self._candidates = (tuple(range(self.n_paths)),)
         self.n_keep = sum(n_kept(self.sparsity, len(c)) for c in self._candidates) if self.sparsity > 0 else self.n_paths
+        # With a single copy of every x2 irrep (e.g. spherical harmonics) in "uvu" mode, the paths of one x1 irrep
+        # with all x2 irreps are one contraction against the whole of x2: a few large operations instead of one
+        # small set per (x1, x2) irrep pair, which on a CPU cost per operation, not per element.
+        self._whole_x2 = self.mode == "uvu" and all(mul == 1 for mul, _ in self.irreps_in2)
         self.weight_numel = self._paths[-1].w_stop
 
         self._register_clebsch_gordan()
@@ -426,7 +431,7 @@ class SparseTensorProduct(nn.Module):
         grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for j, p in enumerate(paths):
             path = self._paths[p]
-            grouped.setdefault((path.i_in1, path.i_in2), []).append((j, p))
+            grouped.setdefault((path.i_in1, None if self._whole_x2 else path.i_in2), []).append((j, p))
         flat: list[int] = list(paths)
         groups = []
         for (i1, i2), members in grouped.items():
@@ -461,7 +466,8 @@ class SparseTensorProduct(nn.Module):
 
         outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
         for group, cg in zip(groups, cgs):
-            joint = self._pair_contraction(x1_blocks[group.i_in1], x2_blocks[group.i_in2], cg)
+            b = x2.reshape(n, 1, x2.shape[1]) if group.i_in2 is None else x2_blocks[group.i_in2]
+            joint = self._pair_contraction(x1_blocks[group.i_in1], b, cg)
             parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
             for part, (_, p) in zip(parts, group.members):
                 path = self._paths[p]
@@ -483,8 +489,9 @@ class SparseTensorProduct(nn.Module):
         """The group's normalised Clebsch-Gordan tensor ``(d1, d2, K)``, each path's columns times its gate
         scale; only the selected paths' columns are read."""
         cg = getattr(self, f"_cg_{group.i_in1}")
-        path = self._paths[group.members[0][1]]
-        cg = cg[:, path.j_start : path.j_stop]
+        if group.i_in2 is not None:
+            path = self._paths[group.members[0][1]]
+            cg = cg[:, path.j_start : path.j_stop]
         if group.cols.stop - group.cols.start != cg.shape[-1]:
             cg = cg.index_select(2, index[group.cols])
         return cg if scales is None else cg * scales.index_select(0, index[group.scale_pos])
