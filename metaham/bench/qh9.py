@@ -10,9 +10,10 @@ Ours is :func:`metaham.qh9.evaluate.evaluate_model`, which ``metaham qh9 eval`` 
 libcint arrays (cache cleared before every run: cold), one Cholesky factor per molecule for prediction and
 target, equal-size molecules in one batched float64 eigensolve. Forward pass and metrics are also timed
 separately (the breakdown). Every route runs at one thread and at all of torch's threads (``OMP_NUM_THREADS``,
-``torch.set_num_threads``), interleaved; ``eval_speedup`` compares each route at its faster setting. The routes' predictions differ by the float32 rounding of the model (and, where a pair's
-gate score ties the quantile, by that pair being kept in one precision only); the largest differences -- of a
-matrix entry, an energy metric and psi, per molecule -- are reported.
+``torch.set_num_threads``), interleaved; ``eval_speedup`` compares each route at its faster setting. The
+routes' predictions differ by the float32 rounding of the model (and, where a pair's gate score ties the
+quantile, by that pair being kept in one precision only); the largest differences -- of a matrix entry, an
+energy metric and psi, per molecule -- are reported.
 
 The molecules are displaced conformers of the largest closed-shell H/C/N/O/F molecules of ase's G2 set
 (QM9-like sizes: 12-14 atoms, 96-114 AOs with the defaults); the file's ``H_init`` is the core Hamiltonian

@@ -28,8 +28,9 @@ from its inputs (a global top-k can drop every path into some ``l_out`` and star
 total ``n_keep`` is the sum over outputs, a little above ``(1 - sparsity) * n_paths`` where outputs have
 few paths.
 
-In every phase only the selected paths are computed (Clebsch-Gordan contractions grouped by input pair), so
-dropped paths cost nothing -- zeroing weights would save no time. The selected set, the phase and the weights
+In every phase only the selected paths are computed (Clebsch-Gordan contractions grouped by input irrep pair,
+or by x1 irrep where x2 holds one copy of each irrep, as spherical harmonics do), so dropped paths cost
+nothing -- zeroing weights would save no time. The selected set, the phase and the weights
 live in the ``state_dict`` (``kept_mask``, ``phase_index``, ``path_weight``): a checkpoint saved in any phase
 reloads straight into that phase, in the fixed phase directly in the compact form.
 
@@ -428,7 +429,7 @@ class SparseTensorProduct(nn.Module):
     def _compile(self, paths: tuple[int, ...], device: torch.device) -> tuple[list[_Group], torch.Tensor]:
         """Groups of the selected ``paths`` and one packed LongTensor of index arrays: the path indices
         first, then each group's column and scale-position lists."""
-        grouped: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        grouped: dict[tuple[int, int | None], list[tuple[int, int]]] = {}
         for j, p in enumerate(paths):
             path = self._paths[p]
             grouped.setdefault((path.i_in1, None if self._whole_x2 else path.i_in2), []).append((j, p))
@@ -458,7 +459,7 @@ class SparseTensorProduct(nn.Module):
             path_weights = dict(zip(self._kept, weight.split(sizes, -1)))
 
         if self.mode == "uuu":
-            # Component-major copies (d, n * U) of the input blocks, made once per block and shared by the groups
+            # Component-major copies (d, n, U) of the input blocks, made once per block and shared by the groups
             # that read it: the outer products below then broadcast over whole rows (contiguous), several times
             # faster on a CPU than over trailing dimensions of size 2l + 1, forward and backward.
             x1_blocks = [_component_major(b) for b in x1_blocks]
