@@ -6,11 +6,12 @@ unit tests: a benchmark reports measured ratios, and says whether each target wa
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pkgutil
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def discover() -> dict:
@@ -22,6 +23,19 @@ def discover() -> dict:
         module = importlib.import_module(f"{__name__}.{info.name}")
         out[module.NAME] = module
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(threads)``; the previous count is restored afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None) -> float:

@@ -19,7 +19,7 @@ import argparse
 import torch
 from torch.func import functional_call
 
-from . import interleaved_median_times
+from . import interleaved_median_times, torch_threads
 
 NAME = "maml"
 HELP = "second-order MAML step: vmap over tasks (ours) vs a learn2learn-style per-task loop"
@@ -45,9 +45,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     for key in ("tasks", "points", "hidden", "repeats", "threads"):
         if getattr(args, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         system = systems.get(args.system)
         generator = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
@@ -75,8 +73,6 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         }
         agreement = _max_relative_difference(meta_gradient(fns["ours_vmap"]), meta_gradient(fns["learn2learn_loop"]))
         times = interleaved_median_times(fns, repeats=args.repeats, warmup=1)
-    finally:
-        torch.set_num_threads(previous_threads)
 
     speedup = times["learn2learn_loop"] / times["ours_vmap"]
     result = {

@@ -194,13 +194,16 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         # at its faster setting, so the baseline is never handicapped by a thread count that does not suit it.
         available = torch.get_num_threads()
         thread_counts = sorted({1, available})
-        timed = {f"{key}@{t}": _with_threads(t, fn) for t in thread_counts for key, fn in {**routes, **parts}.items()}
-        by_key = interleaved_median_times(timed, repeats=args.repeats, warmup=0)
+        timed = {**routes, **parts}
+        by_key = interleaved_median_times(
+            {f"{key}@{t}": _with_threads(t, fn) for t in thread_counts for key, fn in timed.items()},
+            repeats=args.repeats, warmup=0,
+        )
         dataset.file.close()
 
-    by_threads = {t: {key: by_key[f"{key}@{t}"] for key in {**routes, **parts}} for t in thread_counts}
+    by_threads = {t: {key: by_key[f"{key}@{t}"] for key in timed} for t in thread_counts}
     best = {route: min(thread_counts, key=lambda t: by_threads[t][route]) for route in routes}
-    times = {key: by_threads[best[key.split("_")[0]]][key] for key in {**routes, **parts}}
+    times = {key: by_threads[best[key.split("_")[0]]][key] for key in timed}
 
     n = len(records)
     energy_keys = [k for k in SUMMARY_NAMES if k != "psi_cos"]
@@ -260,16 +263,12 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
 
 
 def _with_threads(threads: int, fn):
-    """``fn`` run with ``torch.set_num_threads(threads)``, the previous count restored afterwards."""
-    import torch
+    """``fn`` run under :func:`metaham.bench.torch_threads` ``(threads)``."""
+    from metaham.bench import torch_threads
 
     def run():
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             return fn()
-        finally:
-            torch.set_num_threads(previous)
 
     return run
 

@@ -21,7 +21,7 @@ import statistics
 import torch
 from e3nn import o3
 
-from metaham.bench import interleaved_median_times
+from metaham.bench import interleaved_median_times, torch_threads
 
 NAME = "tp"
 HELP = "sparse vs dense e3nn tensor product (fixed phase) and a message block with vs without the pair gate"
@@ -155,15 +155,11 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         check_sparsity(args.sparsity, "--sparsity")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         generator = torch.Generator().manual_seed(args.seed)
         l2 = _time_tensor_products(2, args, generator)
         l4 = _time_tensor_products(4, args, generator)
         pair = _time_pair_gate(args, generator)
-    finally:
-        torch.set_num_threads(threads)
 
     result = {
         "speedup_l2": l2["speedup"],
