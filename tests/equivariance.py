@@ -11,13 +11,16 @@ Each input is given with how it transforms:
   ``lambda R: irreps.D_from_matrix(P @ R @ P.T)`` with ``P`` the (x, y, z) -> (y, z, x) permutation.
 ``irreps_out`` takes the same forms.
 
-e3nn builds Wigner D matrices in torch's default dtype; for float64 checks wrap the test in
-``default_dtype(torch.float64)`` (and build the module inside it) or the ~1e-7 error of float32 D matrices
-hides or fakes failures at 1e-10.
+The rotations and their Wigner D matrices are built in float64 and rounded once to each input's dtype
+(a callable is called with a float64 matrix under float64 default dtype). e3nn would build D in torch's
+default dtype, and float32 D matrices carry errors of several 1e-6 at l = 3 -- most of the float32
+tolerance, spent on e3nn's rounding instead of the module's, so that the check would pass or fail with the
+CPU's kernels. For float64 checks build the module (and its inputs) inside ``default_dtype(torch.float64)``.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -39,11 +42,13 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 def _transform(x: torch.Tensor, how, rot: torch.Tensor) -> torch.Tensor:
+    """``x`` rotated by the float64 matrix ``rot`` as ``how`` says; D is built in float64, then rounded."""
     if how is None:
         return x
     if isinstance(how, str) and how == "cartesian":
         return x @ rot.to(x.dtype).T
-    d = how(rot) if callable(how) else o3.Irreps(how).D_from_matrix(rot)
+    with default_dtype(torch.float64):
+        d = how(rot) if callable(how) else o3.Irreps(how).D_from_matrix(rot)
     return x @ d.to(x.dtype).T
 
 
@@ -71,7 +76,6 @@ def equivariance_error(
         rot = q * torch.sign(torch.det(q))  # a proper rotation
         if parity and k % 2 == 1:
             rot = -rot
-        rot = rot.to(torch.get_default_dtype())
         rotated_in = [_transform(x, how, rot) for x, how in inputs]
         got = fn(*rotated_in)
         want = _transform(out, irreps_out, rot)
@@ -85,3 +89,38 @@ def assert_equivariant(fn, inputs, irreps_out, parity: bool = True, n_rotations:
     err = equivariance_error(fn, inputs, irreps_out, parity, n_rotations, seed)
     assert err <= TOLERANCE[dtype], f"equivariance error {err:.3g} > {TOLERANCE[dtype]:g} ({dtype})"
     return err
+
+
+@contextlib.contextmanager
+def recorded_pair_gates(module: torch.nn.Module) -> Iterator[list]:
+    """Collect the :class:`~metaham.nn.PairSelection` of every pair-gate call made inside ``module``."""
+    from metaham.nn import SparsePairGate
+
+    selections: list = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _args, out: selections.append(out))
+        for m in module.modules()
+        if isinstance(m, SparsePairGate)
+    ]
+    try:
+        yield selections
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def pair_gate_margin(selection) -> float:
+    """How far the inputs are from a tie of a pair gate's hard top-k: the smallest gap between a graph's quantile
+    (its lowest kept score) and a dropped pair's score, relative to the largest |score|; inf if none is dropped.
+
+    A top-k gate is equivariant only away from ties: a rotation moves the (invariant) scores by rounding
+    (~1e-7 relative in float32, ~1e-16 in float64), which cannot change the kept set while this gap is far
+    larger, but can at a near-tie, where the kept set and so the output jump. Tests of a gated module assert a
+    margin first, so that they state their premise and never pass or fail on rounding.
+    """
+    score, threshold = selection.score.detach(), selection.threshold.detach()
+    dropped = torch.ones_like(score, dtype=torch.bool)
+    dropped[selection.index] = False
+    if not bool(dropped.any()):
+        return math.inf
+    return float((threshold[dropped] - score[dropped]).min() / score.abs().max())

@@ -4,10 +4,12 @@ Each pair ``(i, j)`` is scored from rotation invariants of its two endpoint feat
 :class:`PairInvariants`) by a learnable linear map. In each graph (or, optionally, over the whole batch) the
 pairs whose score is at or above the sparsity-quantile are kept: the quantile of a graph with ``E_g`` pairs
 is its ``k_g``-th largest score, ``k_g = max(1, round((1 - sparsity) * E_g))``, so a graph keeps ``k_g``
-pairs (more only on exact ties; scores are symmetric, so the two directions (i, j) and (j, i) of a pair are
-kept or dropped together). The kept pairs' invariants are multiplied by ``sigmoid(score - quantile)``
-(>= 0.5, differentiable), which is how the scorer learns; dropped pairs return nothing, so the caller
-computes no message for them.
+pairs (more only on exact ties: every pair whose score equals the quantile is kept). A pair listed in both
+directions (i, j) and (j, i) is scored once, so its two directions hold the very same score -- equal bit for
+bit, not only to rounding -- and are kept or dropped together (a matrix product may round two equal rows
+differently, which would split a pair at the quantile). The kept pairs' invariants are multiplied by
+``sigmoid(score - quantile)`` (>= 0.5, differentiable), which is how the scorer learns; dropped pairs return
+nothing, so the caller computes no message for them.
 
 Optionally the pairs shorter than ``keep_radius`` (e.g. a bond length) are exempt: they are kept with their
 invariants unscaled, and the quantile and ``k_g`` are taken over each graph's other pairs only.
@@ -114,8 +116,11 @@ class SparsePairGate(nn.Module):
         batch: torch.Tensor | None = None,
         length: torch.Tensor | None = None,
     ) -> PairSelection:
-        invariants = self.invariants(x, edge_index)
-        score = self.scorer(invariants).squeeze(-1)
+        # One invariant row and one score per unordered pair, shared by its two directions (see the module doc).
+        pair, first = _unordered_pairs(edge_index, x.shape[0])
+        invariants = self.invariants(x, edge_index.index_select(1, first))
+        score = self.scorer(invariants).squeeze(-1).index_select(0, pair)
+        invariants = invariants.index_select(0, pair)
         if batch is None or not self.per_graph:
             graph = torch.zeros_like(edge_index[0])
         else:
@@ -125,7 +130,9 @@ class SparsePairGate(nn.Module):
         else:
             if length is None:
                 raise ValueError(f"this pair gate exempts pairs shorter than {self.keep_radius}: pass their lengths")
-            # Exempt pairs pass any threshold; the others compete among themselves only.
+            # Exempt pairs pass any threshold; the others compete among themselves only. One length per unordered
+            # pair too, so that both directions are exempt or neither, even at a length within rounding of the radius.
+            length = length.index_select(0, first).index_select(0, pair)
             free = torch.nonzero(length >= self.keep_radius).flatten()
             threshold = torch.full_like(score, -torch.inf).index_put(
                 (free,), _segment_quantile(score.index_select(0, free), graph.index_select(0, free), self.sparsity)
@@ -143,6 +150,17 @@ def check_keep_radius(radius: float, what: str = "pair_keep_radius") -> float:
     if not (math.isfinite(radius) and radius >= 0):
         raise ValueError(f"{what} must be a finite number >= 0, got {radius!r}")
     return float(radius)
+
+
+def _unordered_pairs(edge_index: torch.Tensor, n_nodes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pair (E,), first (P,))``: the index of each column's unordered pair ``{i, j}`` among the ``P``
+    distinct ones, and for each distinct pair the first column that holds it."""
+    src, dst = edge_index[0], edge_index[1]
+    key = torch.minimum(src, dst) * n_nodes + torch.maximum(src, dst)
+    distinct, pair = torch.unique(key, return_inverse=True)
+    columns = torch.arange(key.numel(), device=key.device)
+    first = torch.full_like(distinct, key.numel()).scatter_reduce(0, pair, columns, "amin")
+    return pair, first
 
 
 def _segment_quantile(score: torch.Tensor, segment: torch.Tensor, sparsity: float) -> torch.Tensor:

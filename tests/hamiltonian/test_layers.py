@@ -53,7 +53,11 @@ def test_second_order_meta_gradient_is_finite_in_float32_for_a_fast_particle():
     loss64, grads64 = _meta_gradient(torch.float64)
     assert torch.isfinite(loss32)
     torch.testing.assert_close(loss32.double(), loss64, rtol=1e-4, atol=0.0)
+    # Second order through a particle this fast is ill-conditioned: float32 rounding grows to 2-3e-4 of a
+    # tensor's largest entry (it differs by 2x between CPU kernel sets; even float64 runs on two kernel sets
+    # differ by ~1e-4, their float32 weight inits by an ulp). 1e-2 leaves 30x for other CPUs and still fails
+    # a wrong second-order term by far: first-order MAML is ~100% off here.
     for name, g in grads32.items():
         assert torch.isfinite(g).all(), name
         scale = grads64[name].abs().max()
-        assert (g.double() - grads64[name]).abs().max() <= 1e-3 * scale + 1e-6, name
+        assert (g.double() - grads64[name]).abs().max() <= 1e-2 * scale + 1e-6, name

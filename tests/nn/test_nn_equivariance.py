@@ -2,13 +2,14 @@
 
 Tolerances (relative to the output's largest entry): 1e-5 in float32, 1e-10 in float64 (modules and Wigner D
 matrices built in float64). In the random phase the path draw is reseeded so that the rotated and the
-unrotated call use the same paths.
+unrotated call use the same paths. A pair gate's hard top-k is equivariant only away from ties, so the checks
+through one run on inputs in general position and assert that premise (see ``pair_gate_margin``).
 """
 import pytest
 import torch
 from e3nn import o3
 
-from equivariance import assert_equivariant, default_dtype
+from equivariance import assert_equivariant, default_dtype, pair_gate_margin, recorded_pair_gates
 from metaham.nn import (
     BesselBasis,
     EquivariantLayerNorm,
@@ -103,7 +104,16 @@ def test_building_blocks(dtype):
         pair = SparsePairGate(FEAT, 0.5)
         nodes = torch.randn(5, 26)
         edge_index = torch.tensor([(i, j) for i in range(5) for j in range(5) if i != j]).T
-        assert_equivariant(lambda x: pair(x, edge_index).invariants, [(nodes, FEAT)], f"{pair.n_invariants}x0e")
+        with recorded_pair_gates(pair) as selections:
+            assert_equivariant(lambda x: pair(x, edge_index).invariants, [(nodes, FEAT)], f"{pair.n_invariants}x0e")
+        _assert_general_position(selections)
+
+
+def _assert_general_position(selections):
+    """The premise of an equivariance check through a pair gate: every call kept the same pairs, and the inputs
+    are far from a tie (1e-3 of the score scale, ~1e4 times float32 rounding), so no rounding could flip one."""
+    assert selections and all(torch.equal(s.index, selections[0].index) for s in selections)
+    assert min(pair_gate_margin(s) for s in selections) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -122,7 +132,36 @@ def test_interaction_block(dtype, phase, pair_sparsity):
         def run(x, pos):
             return block(x, pos[edge_index[1]] - pos[edge_index[0]], edge_index, batch)
 
-        assert_equivariant(_seeded(run), [(x, FEAT), (pos, "cartesian")], block.irreps_out)
+        with recorded_pair_gates(block) as selections:
+            assert_equivariant(_seeded(run), [(x, FEAT), (pos, "cartesian")], block.irreps_out)
+        if pair_sparsity is not None:
+            _assert_general_position(selections)
+            assert len(selections[0].index) < edge_index.shape[1]  # the gate really dropped pairs
+
+
+def test_interaction_block_pair_gate_at_an_exact_tie_keeps_every_tied_pair_and_stays_equivariant():
+    # At an exact tie equivariance holds only because every pair tied at the quantile is kept (no arbitrary
+    # choice among them). A zero scorer ties all pairs exactly (0 * x = 0 in any order of summation, so on every
+    # CPU): all are kept, each gated by sigmoid(0) = 1/2, and the block is equivariant and equals the
+    # ungated block whose pair invariants are halved.
+    with default_dtype(torch.float64):
+        edge_index = torch.tensor([(i, j) for i in range(6) for j in range(6) if i != j]).T
+        block = InteractionBlock(FEAT, FEAT, lmax_sh=2, cutoff=5.0, pair_sparsity=0.7)
+        with torch.no_grad():
+            block.pair_gate.scorer.weight.zero_()
+        x, pos = torch.randn(6, 26), torch.randn(6, 3)
+
+        def run(x, pos):
+            return block(x, pos[edge_index[1]] - pos[edge_index[0]], edge_index)
+
+        with recorded_pair_gates(block) as selections:
+            assert_equivariant(run, [(x, FEAT), (pos, "cartesian")], block.irreps_out)
+        assert all(torch.equal(s.index, torch.arange(edge_index.shape[1])) for s in selections)
+        ungated = InteractionBlock(FEAT, FEAT, lmax_sh=2, cutoff=5.0)
+        ungated.load_state_dict({k: v for k, v in block.state_dict().items() if not k.startswith("pair_gate.")})
+        with torch.no_grad():  # the edge MLP reads the invariants linearly first: halve its weights on them
+            ungated.edge_mlp[0].weight[:, -ungated.irreps_pair.num_irreps :] *= 0.5
+        torch.testing.assert_close(run(x, pos), ungated(x, pos[edge_index[1]] - pos[edge_index[0]], edge_index))
 
 
 def test_the_check_catches_a_wrongly_reshaped_layer_norm():

@@ -131,7 +131,10 @@ def test_fixed_phase_freezes_the_set_and_continues_the_adaptive_function():
     adaptive_out, adaptive_set = tp(x1, x2, w), tp.kept_paths
     tp.set_phase("fixed")
     assert tp.kept_paths == adaptive_set
-    torch.testing.assert_close(tp(x1, x2, w), adaptive_out, rtol=0, atol=0)
+    # The same function, to float32 rounding only: the folded Clebsch-Gordan tensors are views into one packed
+    # buffer, and a BLAS may round a product differently with its operands at other addresses (alignment).
+    # A wrong set or scale would be off by O(1).
+    torch.testing.assert_close(tp(x1, x2, w), adaptive_out)
     with torch.no_grad():
         tp.path_weight.copy_(-tp.path_weight)  # would select the complement if not frozen
     tp.set_phase("fixed")
