@@ -2,10 +2,12 @@
 #   make demo   creates .venv, installs, runs the main job on built-in defaults
 #   make test   creates .venv if needed, installs, runs the tests
 #   make bench  runs every benchmark and prints the speed-up tables
-# Override the PyTorch build with e.g. `make test TORCH_SPEC="torch==2.13.0+cu126"`.
+# Override the PyTorch build with e.g. `make test TORCH_SPEC="torch==2.13.0+cu126"`, the interpreter with
+# `make test PYTHON=python3.12` (Python 3.10-3.13 are tested).
 
 PYTHON ?= python3
-VENV ?= .venv
+# One virtualenv per interpreter: `make test PYTHON=python3.13` builds .venv-python3.13 beside the default .venv.
+VENV ?= $(if $(filter python3,$(PYTHON)),.venv,.venv-$(notdir $(PYTHON)))
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 # The install is skipped when neither pyproject.toml nor TORCH_SPEC changed.

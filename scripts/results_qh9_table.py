@@ -78,7 +78,7 @@ def build(out_dir: Path) -> str:
     lines = [
         "# QH9 model: measured results",
         "",
-        f"Built by `scripts/results_qh9_table.py` from `{out_dir}` on {datetime.date.today()} "
+        f"Built by `scripts/results_qh9_table.py` from `{_shown(out_dir)}` on {datetime.date.today()} "
         f"({platform.machine()}, {platform.system()}); every number below is read from the JSON outputs there "
         "(the layout and commands of `scripts/results_qh9.sh`).",
         "",
@@ -108,6 +108,15 @@ def build(out_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _shown(out_dir: Path) -> str:
+    """``out_dir`` as the docs may name it: relative to the repository, never a machine's absolute path."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        return str(out_dir.resolve().relative_to(root))
+    except ValueError:  # outside the checkout: its own name, the layout scripts/results_qh9.sh writes
+        return f"<OUT_DIR>/{out_dir.resolve().name}" if out_dir.name else "<OUT_DIR>"
 
 
 def main() -> None:

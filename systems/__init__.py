@@ -7,7 +7,7 @@
 
 A new system is one module that subclasses :class:`systems.base.System` and decorates it with
 :func:`register`. Built-in systems live in this package; a user's own file is loaded with :func:`load_plugin`
-(``--plugin path.py`` on the command line). See the README ("Adding a system").
+(``--plugin path.py`` on the command line). See docs/plugins.md ("Adding a system").
 """
 from __future__ import annotations
 

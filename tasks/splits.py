@@ -1,4 +1,4 @@
-"""Meta-train / meta-test splits of the systems, named in YAML under ``configs/splits/``.
+"""Meta-train / meta-test splits of the systems, named in YAML under ``configs/splits/`` (shipped with metaham).
 
 Three kinds (the keys each YAML file takes):
 
@@ -26,14 +26,13 @@ from typing import Any, Mapping
 import yaml
 
 import systems as _systems
-from metaham.train.config import ConfigError
+from metaham.train.config import ConfigError, shipped_configs_dir
 
 from .cache import derive_seed
 from .config import TaskConfig
 from .distribution import TaskDistribution
 from .pool import resolve_ranges
 
-SPLITS_DIR = Path(__file__).resolve().parent.parent / "configs" / "splits"
 KINDS = {
     "leave_one_out": ("systems", "held_out"),
     "explicit": ("train_systems", "test_systems"),
@@ -123,20 +122,25 @@ class Split:
         return cls(name, kind, train, test, train_ranges, test_ranges, description)
 
 
+def splits_dir() -> Path:
+    """The folder of the shipped splits (``configs/splits/`` of the repository, installed with metaham)."""
+    return shipped_configs_dir() / "splits"
+
+
 def split_names() -> list[str]:
-    """Names of the splits shipped in ``configs/splits/``."""
-    return sorted(p.stem for p in SPLITS_DIR.glob("*.yaml"))
+    """Names of the shipped splits."""
+    return sorted(p.stem for p in splits_dir().glob("*.yaml"))
 
 
 def load_split(name_or_path: str | Path) -> Split:
     """A split by name (``configs/splits/<name>.yaml``) or from a YAML file path."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") or path.is_file()):
-        path = SPLITS_DIR / f"{name_or_path}.yaml"
+        path = splits_dir() / f"{name_or_path}.yaml"
         if not path.is_file():
             raise ConfigError(
                 f"unknown split {str(name_or_path)!r}; named splits: {', '.join(split_names()) or 'none'} "
-                f"(in {SPLITS_DIR}), or give the path of a YAML file"
+                f"(in {splits_dir()}), or give the path of a YAML file"
             )
     if not path.is_file():
         raise ConfigError(f"split file not found: {path}")

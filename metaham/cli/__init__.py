@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from metaham import __version__
@@ -22,6 +23,7 @@ COMMANDS = {
     "qh9": "qh9",
     "bench": "bench",
     "cache": "cache",
+    "config": "config",
     "demo": "demo",
 }
 
@@ -73,3 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (e.g. `metaham config show qh9 | head`): not an error of ours. Point
+        # stdout at /dev/null so that Python's own flush at exit does not raise a second time.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -95,7 +95,7 @@ def _meta(out: Path) -> tuple[str, dict]:
     run_dir = out / "meta_run"
     sets = [arg for o in _META_OVERRIDES for arg in ("--set", o)]
     resume = ["--resume"] if (run_dir / "meta.pt").exists() else []
-    trained = _metaham("meta-train", "--config", _config(f"meta_train_leave_{_HELD_OUT}.yaml"), *sets, "--out", str(run_dir), *resume)
+    trained = _metaham("meta-train", "--config", _config(f"meta_train_leave_{_HELD_OUT}"), *sets, "--out", str(run_dir), *resume)
     adapted = _metaham(
         "adapt", "--checkpoint", str(run_dir), "--system", _HELD_OUT, "--shots", "50", "--steps", "10",
         "--tasks", "10", "--seed", "0", "--plot", str(out / f"adapt_{_HELD_OUT}.png"),
@@ -122,7 +122,7 @@ def _qh9(out: Path) -> tuple[str, dict]:
     )
     resume = ["--resume"] if (run_dir / "last.pt").exists() else []
     trained = _metaham(
-        "qh9", "train", "--config", _config("qh9.yaml"), "--data", str(data), "--out", str(run_dir),
+        "qh9", "train", "--config", _config("qh9"), "--data", str(data), "--out", str(run_dir),
         "--set", "train.max_minutes=1.5", "--set", "data.split_by=stable-id", "--set", "model.random_steps=20", "--set", "model.adaptive_steps=10",
         *resume,
     )
@@ -145,8 +145,12 @@ def _baseline_rows(result: dict):
 
 
 def _config(name: str) -> str:
-    """A config shipped in the repository's configs/ folder."""
-    path = Path(__file__).resolve().parents[2] / "configs" / name
-    if not path.is_file():
-        raise UsageError(f"config {path} not found (run the demo from a checkout of metaham)")
-    return str(path)
+    """A shipped config by name (``configs/<name>.yaml``, installed with metaham): the printed command then runs
+    from any directory, as the demo does."""
+    from metaham.train.config import ConfigError, shipped_config
+
+    try:
+        shipped_config(name)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from None
+    return name

@@ -8,7 +8,7 @@ from ._common import UsageError, add_json_flag, add_plugin_flag, emit, eprint, l
 HELP = "meta-train a HamiltonianGNN with MAML (and the pre-trained baseline) on the training systems of a split"
 EXAMPLES = """
   metaham meta-train --config configs/meta_train.yaml --out runs/leave_pendulum
-  metaham meta-train --config configs/meta_train_leave_mass_spring.yaml --set train.outer_steps=500 --out runs/ms
+  metaham meta-train --config meta_train_leave_mass_spring --set train.outer_steps=500 --out runs/ms
   metaham meta-train --out runs/leave_pendulum --resume              continue an interrupted run
   metaham meta-train --config configs/meta_train.yaml --set model.hidden=32 --set train.pretrain=false --out runs/x --json
 then: metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 50 --steps 50
@@ -17,8 +17,9 @@ then: metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", metavar="FILE.yaml", default=None,
-        help="run config (default: configs/meta_train.yaml; with --resume: the run's saved config.yaml)",
+        "--config", metavar="FILE.yaml|NAME", default=None,
+        help="run config: a file or a shipped config's name (default: meta_train, i.e. configs/meta_train.yaml; "
+        "with --resume: the run's saved config.yaml); see `metaham config list`",
     )
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",

@@ -220,7 +220,11 @@ def _add_model_commands(sub) -> None:
         description="AdamW with warm-up and decay, gradient clipping, the three-phase sparsity scheduler, "
         "validation H MAE after every epoch; writes config.yaml, best.pt, last.pt and log.csv into --out.",
     )
-    p.add_argument("--config", metavar="FILE.yaml", help="run config (default: the values of configs/qh9.yaml)")
+    p.add_argument(
+        "--config", metavar="FILE.yaml|NAME",
+        help="run config: a file or a shipped config's name (default: qh9, i.e. configs/qh9.yaml; with --resume: "
+        "the run's saved config.yaml); see `metaham config list`",
+    )
     p.add_argument("--data", metavar="FILE", help="QH9 SQLite file or QHBench LMDB (required unless --resume)")
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory")
     p.add_argument(
@@ -257,7 +261,7 @@ def _add_model_commands(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from metaham.qh9.train import CONFIG_FILE, load_train_config, train
+    from metaham.qh9.train import CONFIG_FILE, DEFAULT_CONFIG, load_train_config, train
     from metaham.train import ConfigError
 
     overrides = list(args.overrides)
@@ -267,8 +271,8 @@ def _train(args: argparse.Namespace) -> int:
         resolve_device(args.device)  # a usage error now rather than after loading the data
         overrides.append(f"device={args.device}")
     base = args.config
-    if base is None and args.resume:
-        base = Path(args.out) / CONFIG_FILE
+    if base is None:
+        base = Path(args.out) / CONFIG_FILE if args.resume else DEFAULT_CONFIG
     try:
         config = load_train_config(base, overrides)
         if not config["data"]["file"]:

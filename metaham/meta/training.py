@@ -57,7 +57,7 @@ from .maml import MAML
 from .pretrain import Pretrain
 
 LEARNERS = ("meta", "pretrained")
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "meta_train.yaml"
+DEFAULT_CONFIG = "meta_train"  # the shipped configs/meta_train.yaml (see metaham.train.config.shipped_config)
 CHECKPOINT_FORMAT = "metaham-meta-train"
 
 SCHEMA: dict[str, Any] = {

@@ -4,10 +4,20 @@ A schema is a nested dict of default values; its types are the allowed types (an
 nothing but ints, a float default accepts ints and floats, ``None`` accepts anything). Unknown keys and wrong
 types are :class:`ConfigError` that name the key and the file. ``--set a.b=value`` overrides are parsed as
 YAML scalars (``--set train.lr=1e-3``, ``--set split.test=[pendulum]``).
+
+Wherever a config file is expected, the name of a *shipped* config works too (``qh9``, ``meta_train_leave_pendulum``,
+``splits/leave_pendulum``): the repository's ``configs/`` folder is installed as the package ``metaham.configs``,
+so a wheel install finds its defaults from any working directory. A file on disk wins over a shipped name.
+
+>>> shipped_config("qh9").name
+'qh9.yaml'
+>>> "splits/leave_pendulum" in shipped_config_names()
+True
 """
 from __future__ import annotations
 
 import copy
+import importlib.resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,15 +32,54 @@ class ConfigError(ValueError):
     """A config file or override that does not match the schema; the message names the key."""
 
 
+def shipped_configs_dir() -> Path:
+    """The folder of the configs shipped with metaham (the repository's ``configs/``, wherever it is installed)."""
+    # A regular package (configs/__init__.py) on the file system: files() is a real directory in wheel and
+    # editable installs alike.
+    return Path(str(importlib.resources.files("metaham.configs")))
+
+
+def shipped_config_names() -> list[str]:
+    """Names of the shipped configs: run configs (``qh9``, ``meta_train``, ...), then ``splits/<name>``."""
+    root = shipped_configs_dir()
+    runs = sorted(p.stem for p in root.glob("*.yaml"))
+    splits = sorted(f"splits/{p.stem}" for p in (root / "splits").glob("*.yaml"))
+    return runs + splits
+
+
+def shipped_config(name: str) -> Path:
+    """The shipped config called ``name`` (with or without ``.yaml``); :class:`ConfigError` lists the names."""
+    stem = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    if stem in shipped_config_names():
+        return shipped_configs_dir() / f"{stem}.yaml"
+    raise ConfigError(f"no shipped config named {name!r}; shipped configs: {', '.join(shipped_config_names())}")
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """An existing file at ``name_or_path``, else the shipped config of that name; :class:`ConfigError` otherwise."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    # Only a bare name (no folder, other than splits/) may mean a shipped config: "configs/qh9.yaml" run from
+    # another directory still finds the packaged copy, but "/data/my.yaml" that does not exist is an error.
+    parent = path.parent.as_posix()
+    candidate = f"splits/{stem}" if parent.endswith("splits") else stem
+    if parent in (".", "configs", "splits", "configs/splits") and candidate in shipped_config_names():
+        return shipped_configs_dir() / f"{candidate}.yaml"
+    raise ConfigError(
+        f"config file not found: {name_or_path} (a path, or a shipped config: {', '.join(shipped_config_names())})"
+    )
+
+
 def load_config(
     schema: Mapping[str, Any], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    """Defaults from ``schema``, updated by the YAML file at ``path``, then by ``key=value`` ``overrides``."""
+    """Defaults from ``schema``, updated by the YAML file at ``path`` (a file, or a shipped config's name), then
+    by ``key=value`` ``overrides``."""
     config = copy.deepcopy(dict(schema))
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
