@@ -128,10 +128,11 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     from pathlib import Path
 
     import torch
+    from torch_geometric.loader import DataLoader
 
     from metaham.bench import interleaved_median_times
     from metaham.cli._common import table
-    from metaham.qh9.dataset import QH9Dataset, collate
+    from metaham.qh9.dataset import QH9Dataset, matrices
     from metaham.qh9.evaluate import Evaluator, evaluate_model
     from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
@@ -141,7 +142,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         path = Path(tmp) / "eval.db"
         _write_eval_file(path, _inputs(args.molecules, args.conformers))
         dataset = QH9Dataset(path)
-        records = [dataset[i] for i in range(len(dataset))]
+        records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
         reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
 
@@ -150,25 +151,24 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
             return evaluate_model(model.predict, dataset, batch_size, device, keep_predictions=keep, progress=False)
 
         def ours_forward() -> None:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
             with torch.inference_mode():
-                for batch in loader:
+                for batch in DataLoader(dataset, batch_size=batch_size):
                     model.predict(batch.to(device))
 
         def reference(keep: bool = False):
             rows, kept = [], {}
-            loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate)
             with torch.no_grad():
-                for batch in loader:
+                for batch in DataLoader(dataset, batch_size=1):
                     H_pred = reference_model.predict(batch.to(device))[0].cpu().numpy()
-                    rows.append(reference_errors(H_pred, batch.H[0].numpy(), batch.Z.numpy(), batch.pos.numpy()))
+                    H_true = matrices(batch, "H")[0].cpu().numpy()
+                    rows.append(reference_errors(H_pred, H_true, batch.z.cpu().numpy(), batch.pos.cpu().numpy()))
                     if keep:
-                        kept[int(batch.ids[0])] = H_pred
+                        kept[int(batch.id[0])] = H_pred
             return {k: np.array([r[k] for r in rows]) for k in SUMMARY_NAMES}, kept
 
         def reference_forward() -> None:
             with torch.no_grad():
-                for batch in torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate):
+                for batch in DataLoader(dataset, batch_size=1):
                     reference_model.predict(batch.to(device))
 
         # One untimed run of each route (also the warm-up): predictions and per-molecule metrics to compare.
@@ -296,8 +296,8 @@ def _trained_shape_model(options: dict, dataset, batch_size: int):
     """``QH9Model(**options)`` as training leaves it: gates in the fixed phase (the kept paths chosen by random
     importance weights, seeded), reference blocks and output scale fitted to ``dataset``; eval mode."""
     import torch
+    from torch_geometric.loader import DataLoader
 
-    from metaham.qh9.dataset import collate
     from metaham.qh9.model import QH9Model
 
     torch.manual_seed(0)
@@ -305,8 +305,7 @@ def _trained_shape_model(options: dict, dataset, batch_size: int):
     _seed_path_weights(model)
     model.sparsity.step()  # adaptive: keep the top-weight paths; then fixed: freeze them
     _require_fixed_phase(model)
-    indices = range(len(dataset))
-    model.fit_statistics(collate([dataset[i] for i in indices[s : s + batch_size]]) for s in indices[::batch_size])
+    model.fit_statistics(DataLoader(dataset, batch_size=batch_size))
     return model.eval()
 
 
@@ -314,15 +313,17 @@ TARGET_TRAIN_SPEEDUP = 3.0
 
 
 def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tuple[str, dict]:
-    from metaham.cli._common import table
-    from metaham.qh9.dataset import collate
-    from metaham.qh9.formats import Record
+    from torch_geometric.data import Batch
 
-    records = [
-        Record(row, Z, pos, H_true, None, str(row), 0)
+    from metaham.cli._common import table
+    from metaham.qh9.dataset import molecule_data
+
+    molecules = [
+        molecule_data(Z, pos, H_true, id=row, molecule=str(row))
         for row, Z, pos, H_true, _ in _inputs(args.train_molecules, 1)
     ]
-    result = time_training_steps(collate(records), device, args.train_repeats, model_options)
+    batch = Batch.from_data_list(molecules)
+    result = time_training_steps(batch, device, args.train_repeats, model_options)
     speedup, met = result["train_speedup"], result["train_target_met"]
     rows = [
         ["dense twin (no gates)", f"{1e3 * result['train_dense_s']:.0f}", f"{1e3 * result['train_dense_tp_s']:.0f}",
@@ -332,8 +333,8 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
          f"{1e3 * result['train_sparse_s']:.0f}", f"{1e3 * result['train_sparse_tp_s']:.0f}", speedup],
     ]
     summary = (
-        f"QH9 model training step on {len(records)} molecules ({result['train_atoms']} atoms, "
-        f"{sum(len(r.H) for r in records)} AOs), device {device}, median of {args.train_repeats}\n"
+        f"QH9 model training step on {len(molecules)} molecules ({result['train_atoms']} atoms, "
+        f"{int(batch.norb.sum())} AOs), device {device}, median of {args.train_repeats}\n"
         + table(rows, ["model", "ms / step", "of which tensor products", "speed-up"])
         + f"\ntrain_speedup {speedup:.2f} (target >= {TARGET_TRAIN_SPEEDUP:g}: {'met' if met else 'NOT met'}); "
         f"{result['parameters_sparse']} parameters (sparse), {result['parameters_dense']} (dense)\n"
@@ -346,7 +347,7 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
 
 def time_training_steps(batch, device, repeats: int, model_options: dict) -> dict:
     """Median time of one training step of the sparse model (fixed phase) and of its dense twin on ``batch``
-    (a :class:`~metaham.qh9.dataset.MoleculeBatch`; its ``H`` are the targets), in alternation. The model is
+    (a PyG ``Batch`` of :mod:`metaham.qh9.dataset` molecules; its ``H`` are the targets), in alternation. The model is
     ``QH9Model(**model_options)``, learning ``H`` itself."""
     import torch
 
@@ -366,7 +367,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
         target = model.target(batch)
 
         def step() -> None:
-            loss = matrix_loss(model(batch.Z, batch.pos, batch.batch, batch.ptr), target, "mae+mse", model.output_scale)
+            loss = matrix_loss(model(batch.z, batch.pos, batch.batch, batch.ptr), target, "mae+mse", model.output_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -399,7 +400,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
         "train_dense_s": times["dense"],
         "train_sparse_s": times["sparse"],
         "train_molecules": len(batch),
-        "train_atoms": len(batch.Z),
+        "train_atoms": batch.num_nodes,
         "kept_paths": sum(len(g.kept_paths) for g in gates),
         "total_paths": sum(g.n_paths for g in gates),
         # every pair is kept where no pair gate runs

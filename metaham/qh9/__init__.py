@@ -3,7 +3,9 @@
 * :mod:`~metaham.qh9.formats` -- :func:`open_qh9` streams QH9's SQLite files and QHBench's LMDB as
   :class:`Record` s (Z, positions in Angstrom, H in pyscf order).
 * :mod:`~metaham.qh9.splits` -- QH9's official splits (:func:`split`).
-* :mod:`~metaham.qh9.dataset` -- :class:`QH9Dataset` and :func:`collate` for DataLoaders.
+* :mod:`~metaham.qh9.dataset` -- :class:`QH9Dataset`, a PyTorch Geometric dataset of molecules (``Data`` with
+  ``z``, ``pos``, flat ``H``/``H_init`` and ``norb``) for PyG's loaders; :func:`molecule_data` builds one from
+  any arrays, :func:`matrices` splits a ``Batch``'s matrices back into square ones.
 * :mod:`~metaham.qh9.generate` -- ``generate.generate`` new data with pyscf and QH9's settings.
 * :mod:`~metaham.qh9.orbitals` -- the def2-SVP layout in e3nn terms: :func:`assemble` padded e3nn-order
   blocks into full pyscf-order matrices, :func:`wigner_D` of a molecule's AO space.
@@ -20,7 +22,8 @@ _EXPORTS = {
     "Record": "formats",
     "split": "splits",
     "QH9Dataset": "dataset",
-    "collate": "dataset",
+    "molecule_data": "dataset",
+    "matrices": "dataset",
     "assemble": "orbitals",
     "wigner_D": "orbitals",
     "evaluate_predictions": "evaluate",

@@ -16,8 +16,9 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from torch_geometric.data import Batch
 
-from .dataset import MoleculeBatch, QH9Dataset
+from .dataset import QH9Dataset, matrices
 from .evaluate import Predictor, evaluate_model
 from .formats import QH9File
 from .generate import DFTSettings, initial_guess_fock
@@ -29,13 +30,13 @@ BASELINES = ("minao", "mean")
 def minao_predictor(settings: DFTSettings = DFTSettings()) -> Predictor:
     """``predict(batch)`` returning ``batch.H_init``, or pyscf's MINAO-guess Fock matrices when absent."""
 
-    def predict(batch: MoleculeBatch) -> list[torch.Tensor]:
-        if batch.H_init is not None:
-            return batch.H_init
+    def predict(batch: Batch) -> list[torch.Tensor]:
+        if "H_init" in batch:
+            return matrices(batch, "H_init")
         out = []
-        for b in range(len(batch)):
+        for b in range(batch.num_graphs):
             lo, hi = int(batch.ptr[b]), int(batch.ptr[b + 1])
-            F = initial_guess_fock(batch.Z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), settings)
+            F = initial_guess_fock(batch.z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), settings)
             out.append(torch.from_numpy(F).to(batch.pos.device))
         return out
 
@@ -64,7 +65,7 @@ def mean_matrices(
 def mean_predictor(means: dict[str, np.ndarray]) -> Predictor:
     """``predict(batch)`` returning each molecule's mean training matrix (``KeyError`` for unseen molecules)."""
 
-    def predict(batch: MoleculeBatch) -> list[torch.Tensor]:
+    def predict(batch: Batch) -> list[torch.Tensor]:
         return [torch.from_numpy(means[m]).to(batch.pos.device) for m in batch.molecule]
 
     return predict

@@ -1,12 +1,12 @@
 """Score predicted Kohn-Sham matrices with QH9's metrics: streamed, grouped by size, eigenproblems batched.
 
 The flow every evaluator shares (``metaham qh9 eval`` and ``metaham qh9 baseline``): a predictor is any
-callable ``predict(batch: MoleculeBatch) -> list[Tensor]`` returning one ``(norb_b, norb_b)`` matrix per
-molecule in pyscf order; :func:`evaluate_model` runs it over a dataset in batches (inference mode: a trained
-model runs its batched forward pass in its own dtype) and feeds an :class:`Evaluator`, which buffers molecules
-by AO count and scores each full group with one batched float64 call of
-:func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a time in float64;
-``metaham bench qh9 --part eval`` times the two routes against each other.
+callable ``predict(batch) -> list[Tensor]`` that takes a PyG ``Batch`` of molecules (:mod:`metaham.qh9.dataset`)
+and returns one ``(norb_b, norb_b)`` matrix per molecule in pyscf order; :func:`evaluate_model` runs it over a
+dataset in batches of PyG's ``DataLoader`` (inference mode: a trained model runs its batched forward pass in its
+own dtype) and feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with
+one batched float64 call of :func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a
+time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other.
 
 >>> from metaham.qh9.evaluate import evaluate_predictions
 >>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
@@ -23,16 +23,18 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+from torch_geometric.data import Batch
+from torch_geometric.loader import DataLoader
 
 from metaham.train.checkpoint import atomic_write_bytes
 
 from .basis import ao_atom_index, n_occupied
-from .dataset import MoleculeBatch, QH9Dataset, collate
+from .dataset import QH9Dataset, matrices
 from .formats import Record
 from .metrics import SUMMARY_NAMES, molecule_errors, summarize
 from .overlap import overlap
 
-Predictor = Callable[[MoleculeBatch], Sequence[Tensor]]
+Predictor = Callable[[Batch], Sequence[Tensor]]
 
 
 class Evaluator:
@@ -135,17 +137,17 @@ def evaluate_model(
     device = torch.device(device or "cpu")
     evaluator = Evaluator(device)
     kept: dict[int, np.ndarray] = {}
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
     with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
         for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
             batch = batch.to(device)
             predictions = list(predict(batch))
-            if len(predictions) != len(batch):
-                raise ValueError(f"predictor returned {len(predictions)} matrices for {len(batch)} molecules")
-            for b, H_pred in enumerate(predictions):
+            if len(predictions) != batch.num_graphs:
+                raise ValueError(f"predictor returned {len(predictions)} matrices for {batch.num_graphs} molecules")
+            for b, (H_true, H_pred) in enumerate(zip(matrices(batch, "H"), predictions)):
                 lo, hi = int(batch.ptr[b]), int(batch.ptr[b + 1])
-                row_id = int(batch.ids[b])
-                evaluator.add(row_id, batch.Z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), batch.H[b], H_pred)
+                row_id = int(batch.id[b])
+                evaluator.add(row_id, batch.z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), H_true, H_pred)
                 if keep_predictions:
                     kept[row_id] = H_pred.detach().to("cpu", torch.float64).numpy()
     return evaluator.summary(), kept

@@ -23,8 +23,16 @@ drops bonded pairs (water would keep one of its three); ``model.sparsity`` is th
 :class:`~metaham.nn.SparsityScheduler` (random -> adaptive -> fixed, in optimizer steps; its state is in the
 model's ``state_dict``). ``dense=True`` removes both gates: the QHNet-like twin at identical widths.
 
->>> model = QH9Model(node_irreps="8x0e+4x1o+4x2e+2x3o+2x4e", layers=1, head_mul=4)
->>> H = model.predict(batch)            # doctest: +SKIP   list of (norb_b, norb_b) float64, pyscf order
+Input: PyG molecules (:mod:`metaham.qh9.dataset`): :meth:`QH9Model.predict` and :meth:`QH9Model.target` take a
+``torch_geometric.data.Batch`` (from a ``QH9Dataset`` through PyG's ``DataLoader``, or ``Batch.from_data_list``
+of your own molecules) or a single ``Data``; ``forward(z, pos, batch, ptr)`` takes its tensors.
+
+>>> from ase.build import molecule
+>>> from metaham.qh9.dataset import molecule_data
+>>> model = QH9Model(node_irreps="8x0e+4x1o+4x2e+2x3o+2x4e", layers=1, head_mul=4, residual=False)
+>>> atoms = molecule("CH3OH")
+>>> [h.shape for h in model.predict(molecule_data(atoms.numbers, atoms.positions))]
+[torch.Size([48, 48])]
 """
 from __future__ import annotations
 
@@ -38,8 +46,10 @@ from torch import Tensor, nn
 
 from metaham.nn import InteractionBlock, SparsityScheduler
 
+from torch_geometric.data import Batch, Data
+
 from .basis import check_elements
-from .dataset import MoleculeBatch
+from .dataset import matrices
 from .head import BlockHead
 from .orbitals import N_SLOTS, PADDED_IRREPS, assemble, decompose
 
@@ -149,17 +159,17 @@ class QH9Model(nn.Module):
     # ------------------------------------------------------------------------------------------------
     # the network
 
-    def blocks_of(self, Z: Tensor, pos: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def blocks_of(self, z: Tensor, pos: Tensor, batch: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The network's padded e3nn-order blocks, before scaling and references.
 
         Args:
-            Z: ``(N,)`` atomic numbers of all molecules; pos: ``(N, 3)`` Angstrom; batch: ``(N,)`` molecule
-                index of each atom (ascending).
+            z: ``(N,)`` atomic numbers of all molecules; pos: ``(N, 3)`` Angstrom; batch: ``(N,)`` molecule
+                index of each atom (ascending): the fields of a PyG ``Batch`` of that name.
 
         Returns:
             ``(diag (N, 14, 14), pairs (2, P), offdiag (P, 14, 14))``, every pair ``i > j`` of each molecule.
         """
-        element = self._elements(Z)
+        element = self._elements(z)
         pos = pos.to(self.atom_reference.dtype)
         edge_index, pairs = _molecule_graph(pos, batch, self.cutoff)
         x = self.embedding(nn.functional.one_hot(element, len(ELEMENTS)).to(pos.dtype))
@@ -170,35 +180,42 @@ class QH9Model(nn.Module):
         diag, offdiag = self.head(x, pairs, pair_vec, batch)
         return diag, pairs, offdiag
 
-    def forward(self, Z: Tensor, pos: Tensor, batch: Tensor, ptr: Tensor) -> list[Tensor]:
+    def forward(self, z: Tensor, pos: Tensor, batch: Tensor, ptr: Tensor) -> list[Tensor]:
         """The learned part of each molecule's matrix, ``(norb_b, norb_b)`` in the model's dtype, pyscf order:
-        ``H - H_init`` when ``residual``, else ``H`` (compare with :meth:`target`)."""
-        diag, pairs, offdiag = self.blocks_of(Z, pos, batch)
-        diag = diag * self.output_scale + self.atom_reference.index_select(0, Z.long())
-        return assemble(Z, ptr, diag, pairs, offdiag * self.output_scale)
+        ``H - H_init`` when ``residual``, else ``H`` (compare with :meth:`target`). The arguments are the
+        fields of a PyG ``Batch`` of those names (``ptr``: ``(B + 1,)`` atom offsets of the molecules)."""
+        diag, pairs, offdiag = self.blocks_of(z, pos, batch)
+        diag = diag * self.output_scale + self.atom_reference.index_select(0, z.long())
+        return assemble(z, ptr, diag, pairs, offdiag * self.output_scale)
 
-    def target(self, batch: MoleculeBatch) -> list[Tensor]:
-        """What :meth:`forward` is trained to match, in the model's dtype: ``H - H_init`` or ``H``."""
+    def target(self, data: Batch | Data) -> list[Tensor]:
+        """What :meth:`forward` is trained to match, per molecule of ``data`` (a PyG ``Batch`` or one
+        ``Data``), in the model's dtype: ``H - H_init`` or ``H``."""
         dtype = self.atom_reference.dtype
         if not self.residual:
-            return [h.to(dtype) for h in batch.H]
-        return [(h - h0).to(dtype) for h, h0 in zip(batch.H, self._initial_guess(batch))]
+            return [h.to(dtype) for h in matrices(data, "H")]
+        return [(h - h0).to(dtype) for h, h0 in zip(matrices(data, "H"), self._initial_guess(data))]
 
-    def predict(self, batch: MoleculeBatch) -> list[Tensor]:
-        """Predicted Kohn-Sham matrices ``(norb_b, norb_b)`` float64, pyscf order (the evaluator's predictor)."""
-        learned = self(batch.Z, batch.pos, batch.batch, batch.ptr)
-        if not self.residual:
+    def predict(self, data: Batch | Data) -> list[Tensor]:
+        """Predicted Kohn-Sham matrices ``(norb_b, norb_b)`` float64, pyscf order, of every molecule of ``data``:
+        a PyG ``Batch`` or one ``Data`` (fields ``z``, ``pos``; ``H_init`` for a residual model). The
+        evaluator's predictor."""
+        batch = data if isinstance(data, Batch) else Batch.from_data_list([data])
+        initial = self._initial_guess(batch) if self.residual else None  # a missing H_init fails before the network
+        learned = self(batch.z, batch.pos, batch.batch, batch.ptr)
+        if initial is None:
             return [h.double() for h in learned]
-        return [h0.double() + h.double() for h0, h in zip(self._initial_guess(batch), learned)]
+        return [h0.double() + h.double() for h0, h in zip(initial, learned)]
 
-    def _initial_guess(self, batch: MoleculeBatch) -> list[Tensor]:
-        if batch.H_init is None:
+    def _initial_guess(self, data: Batch | Data) -> list[Tensor]:
+        if "H_init" not in data:
+            rows = f"rows {torch.as_tensor(data.id).reshape(-1).tolist()}: " if "id" in data else ""
             raise ValueError(
-                f"rows {batch.ids.tolist()}: this model learns H - H_init but the data has no H_init "
-                "(MINAO-guess Fock); fill it with metaham.qh9.train.with_initial_guess or use a file from "
-                "`metaham qh9 generate`"
+                f"{rows}this model learns H - H_init but the data has no H_init (MINAO-guess Fock); fill it "
+                "with metaham.qh9.train.with_initial_guess, pass it to metaham.qh9.dataset.molecule_data, or use "
+                "a file from `metaham qh9 generate`"
             )
-        return batch.H_init
+        return matrices(data, "H_init")
 
     def _elements(self, Z: Tensor) -> Tensor:
         Z = Z.long()
@@ -212,8 +229,8 @@ class QH9Model(nn.Module):
     # statistics of the training data
 
     @torch.no_grad()
-    def fit_statistics(self, batches: Iterable[MoleculeBatch]) -> dict[str, Any]:
-        """Set ``atom_reference`` and ``output_scale`` from training batches (before training).
+    def fit_statistics(self, batches: Iterable[Batch]) -> dict[str, Any]:
+        """Set ``atom_reference`` and ``output_scale`` from training batches (PyG ``Batch`` es; before training).
 
         ``atom_reference[z]``: the mean over atoms of element z of the rotation-invariant part of their
         diagonal target blocks -- for two shells of the same l, ``trace / (2l + 1)`` times the identity (the
@@ -233,17 +250,17 @@ class QH9Model(nn.Module):
             batch = batch.to("cpu")
             targets = [t.double() for t in self.target(batch)]
             empty = torch.zeros(2, 0, dtype=torch.long)
-            diag, _, _, _ = decompose(targets, batch.Z, batch.ptr, empty)
-            invariant = diag.reshape(len(batch.Z), -1) @ projector.double()
-            sums.index_add_(0, batch.Z.long(), invariant)
-            counts.index_add_(0, batch.Z.long(), torch.ones(len(batch.Z), dtype=torch.float64))
+            diag, _, _, _ = decompose(targets, batch.z, batch.ptr, empty)
+            invariant = diag.reshape(len(batch.z), -1) @ projector.double()
+            sums.index_add_(0, batch.z.long(), invariant)
+            counts.index_add_(0, batch.z.long(), torch.ones(len(batch.z), dtype=torch.float64))
             cached.append((batch, targets))
         if not cached:
             raise ValueError("fit_statistics needs at least one training batch")
         reference = (sums / counts.clamp(min=1)[:, None]).reshape(-1, N_SLOTS, N_SLOTS)
         square, entries = 0.0, 0
         for batch, targets in cached:
-            base = assemble(batch.Z, batch.ptr, reference[batch.Z.long()], torch.zeros(2, 0, dtype=torch.long),
+            base = assemble(batch.z, batch.ptr, reference[batch.z.long()], torch.zeros(2, 0, dtype=torch.long),
                             torch.zeros(0, N_SLOTS, N_SLOTS, dtype=torch.float64))
             for t, b in zip(targets, base):
                 square += float(((t - b) ** 2).sum())

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import inspect
 import math
 import sys
@@ -44,19 +45,20 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 import yaml
+from torch_geometric.data import Batch, Data
 from tqdm.auto import tqdm
 
 from metaham.train import ConfigError, atomic_write_bytes, load_checkpoint, load_config, save_checkpoint
 from metaham.train.config import CONFIG_FILE, load_saved_config
 
 from .basis import normalize_basis
-from .dataset import MoleculeBatch, QH9Dataset, collate
+from .dataset import QH9Dataset, matrices
 from .formats import QH9File, open_qh9
 from .model import QH9Model, build_model
 from .splits import SCHEMES, default_scheme, select
 
 CHECKPOINT_FORMAT = "metaham-qh9-model"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "qh9.yaml"
+DEFAULT_CONFIG = "qh9"  # the shipped configs/qh9.yaml (see metaham.train.config.shipped_config)
 LOSSES = ("mae", "mse", "mae+mse")
 DECAYS = ("cosine", "linear", "none")
 
@@ -186,28 +188,28 @@ def split_positions(file: QH9File, data: Mapping[str, Any], part: str) -> np.nda
     return positions
 
 
-def with_initial_guess(batch: MoleculeBatch, cache: dict[int, torch.Tensor], xc: str = "b3lyp5") -> MoleculeBatch:
-    """``batch`` with ``H_init`` (the MINAO-guess Fock matrix) filled in with pyscf where the file has none;
-    results are kept in ``cache`` by row id (~0.1-2 s per molecule the first time)."""
-    if batch.H_init is not None:
-        return batch
+def with_initial_guess(data: Data, cache: dict[int, torch.Tensor], xc: str = "b3lyp5") -> Data:
+    """One molecule (a :class:`~metaham.qh9.dataset.QH9Dataset` item) with ``H_init``, the MINAO-guess Fock
+    matrix, computed with pyscf where the file has none; kept in ``cache`` by row id (~0.1-2 s per molecule the
+    first time). A dataset ``transform``: ``QH9Dataset(file, transform=partial(with_initial_guess, cache=...))``."""
+    if "H_init" in data:
+        return data
     from .generate import DFTSettings, initial_guess_fock
 
-    out = []
-    for b, row in enumerate(batch.ids.tolist()):
-        if row not in cache:
-            lo, hi = int(batch.ptr[b]), int(batch.ptr[b + 1])
-            F = initial_guess_fock(batch.Z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), DFTSettings(xc=xc))
-            cache[row] = torch.from_numpy(F)
-        out.append(cache[row].to(batch.pos.device))
-    batch.H_init = out
-    return batch
+    row = int(data.id)
+    if row not in cache:
+        F = initial_guess_fock(data.z.numpy(), data.pos.numpy(), DFTSettings(xc=xc))
+        cache[row] = torch.from_numpy(F).reshape(-1)  # flat, as the dataset stores matrices
+    data.H_init = cache[row]
+    return data
 
 
-def _batches(dataset: QH9Dataset, batch_size: int, order: np.ndarray | None = None) -> Iterator[MoleculeBatch]:
+def _batches(dataset: QH9Dataset, batch_size: int, order: np.ndarray | None = None) -> Iterator[Batch]:
+    # Not a DataLoader: each of its iterators draws a seed from torch's global generator, whose state a resumed
+    # run restores -- the draws would differ between a resumed and an uninterrupted run.
     order = np.arange(len(dataset)) if order is None else order
     for start in range(0, len(order), batch_size):
-        yield collate([dataset[int(i)] for i in order[start : start + batch_size]])
+        yield Batch.from_data_list([dataset[int(i)] for i in order[start : start + batch_size]])
 
 
 def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -243,14 +245,14 @@ def learning_rate(step: int, total_steps: int, settings: Mapping[str, Any]) -> f
 
 
 @torch.no_grad()
-def validation_mae(model: QH9Model, batches: list[MoleculeBatch], device: torch.device) -> float:
+def validation_mae(model: QH9Model, batches: list[Batch], device: torch.device) -> float:
     """QH9's H MAE (mean over molecules of the mean absolute entry error), in micro-Hartree."""
     was_training = model.training
     model.eval()
     errors = []
     for batch in batches:
-        batch = batch.to(device)
-        for p, t in zip(model.predict(batch), batch.H):
+        batch = copy.copy(batch).to(device)  # PyG's .to moves in place: the kept batches stay where they are
+        for p, t in zip(model.predict(batch), matrices(batch, "H")):
             errors.append(float((p - t).abs().mean()))
     model.train(was_training)
     return 1e6 * float(np.mean(errors))
@@ -294,17 +296,16 @@ def train(
         torch.set_num_threads(config["threads"])
     file = open_data(config["data"]["file"], trust_pickle)
     xc = str(file.metadata.get("xc", "b3lyp5"))
-    train_set = QH9Dataset(file, split_positions(file, config["data"], "train"))
-    val_set = QH9Dataset(file, split_positions(file, config["data"], "val"))
+    # A residual model needs each molecule's H_init: where the file has none, pyscf computes it as a row is first read.
+    prepare = functools.partial(with_initial_guess, cache={}, xc=xc) if config["model"]["residual"] else None
+    train_set = QH9Dataset(file, split_positions(file, config["data"], "train"), transform=prepare)
+    val_set = QH9Dataset(file, split_positions(file, config["data"], "val"), transform=prepare)
     if not len(train_set) or not len(val_set):
         raise ConfigError(
             f"{file.path}: the {config['data']['split_by']} split leaves {len(train_set)} training and "
             f"{len(val_set)} validation rows; both must be non-empty (use more rows, or data.split_by=stable-id)"
         )
-    cache: dict[int, torch.Tensor] = {}
-    residual = config["model"]["residual"]
-    prepare = (lambda b: with_initial_guess(b, cache, xc)) if residual else (lambda b: b)
-    val_batches = [prepare(b) for b in _batches(val_set, settings["eval_batch_size"])]
+    val_batches = list(_batches(val_set, settings["eval_batch_size"]))
 
     torch.manual_seed(settings["seed"])
     model = build_model(config["model"]).to(device)
@@ -323,7 +324,7 @@ def train(
         statistics = checkpoint["statistics"]
     else:
         subset = np.random.RandomState(settings["seed"]).permutation(len(train_set))[:STATISTICS_ROWS]
-        statistics = model.fit_statistics(prepare(b) for b in _batches(train_set, settings["eval_batch_size"], subset))
+        statistics = model.fit_statistics(_batches(train_set, settings["eval_batch_size"], subset))
         state["initial"] = validation_mae(model, val_batches, device)
     log = _Log(run_dir, state["step"])
     if not resume:
@@ -356,10 +357,10 @@ def train(
             losses = []
             skip = state["batch"] * settings["batch_size"]
             for batch in _batches(train_set, settings["batch_size"], order[skip:]):
-                batch = prepare(batch).to(device)
+                batch = batch.to(device)
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(state["step"], total_steps, settings)
-                loss = matrix_loss(model(batch.Z, batch.pos, batch.batch, batch.ptr), model.target(batch),
+                loss = matrix_loss(model(batch.z, batch.pos, batch.batch, batch.ptr), model.target(batch),
                                    settings["loss"], model.output_scale)
                 value = float(loss.detach())
                 if not math.isfinite(value):
@@ -512,14 +513,11 @@ def evaluate_checkpoint(
         positions = split_positions(file, {**config["data"], "max_train": 0, "max_val": 0}, part)
         if not len(positions):
             raise ValueError(f"{file.path}: the {part!r} part of the split is empty ({len(file)} rows in all)")
-        cache: dict[int, torch.Tensor] = {}
         xc = str(file.metadata.get("xc", "b3lyp5"))
-        if model.residual:
-            predict = lambda batch: model.predict(with_initial_guess(batch, cache, xc))  # noqa: E731
-        else:
-            predict = model.predict
+        prepare = functools.partial(with_initial_guess, cache={}, xc=xc) if model.residual else None
         summary, predictions = evaluate_model(
-            predict, QH9Dataset(file, positions), batch_size, device, keep_predictions=keep_predictions, progress=progress
+            model.predict, QH9Dataset(file, positions, transform=prepare), batch_size, device,
+            keep_predictions=keep_predictions, progress=progress,
         )
         scheme = default_scheme(file.catalog()) if config["data"]["split_by"] == "auto" else config["data"]["split_by"]
     summary.update(part=part, split_by=scheme, data=str(data), phase=model.sparsity.phase, dense=model.dense,

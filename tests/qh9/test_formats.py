@@ -1,14 +1,12 @@
-"""Readers: generated SQLite round trip, QHBench LMDB and QH9-dynamic layouts, bad files, Dataset/collate."""
+"""Readers: generated SQLite round trip, QHBench LMDB and QH9-dynamic layouts, bad files."""
 import pickle
 import shutil
 import sqlite3
 
 import numpy as np
 import pytest
-import torch
 
 from metaham.qh9.basis import UnsupportedError
-from metaham.qh9.dataset import QH9Dataset, collate
 from metaham.qh9.formats import BOHR, QH9FormatError, describe, open_qh9
 
 
@@ -167,17 +165,3 @@ def test_describe(generated):
     assert info["atoms"] == {"min": 2, "mean": 2.5, "max": 3} and info["orbitals"]["max"] == 24
     assert info["molecules"] == 2 and info["failed"] == 0 and info["has_H_init"]
 
-
-def test_dataset_collate_dataloader(generated):
-    path, _ = generated
-    data = QH9Dataset(path, indices=[1, 2, 3])
-    loader = torch.utils.data.DataLoader(data, batch_size=2, collate_fn=collate)
-    batch = next(iter(loader))
-    assert batch.ids.tolist() == [2, 3]
-    assert batch.Z.tolist() == [8, 1, 1, 1, 1] and batch.ptr.tolist() == [0, 3, 5]
-    assert batch.batch.tolist() == [0, 0, 0, 1, 1]
-    assert [tuple(h.shape) for h in batch.H] == [(24, 24), (10, 10)] and batch.H[0].dtype == torch.float64
-    assert batch.H_init is not None and batch.molecule == ["H2O", "H2"]
-    assert batch.to("cpu").pos.shape == (5, 3)
-    with pytest.raises(IndexError, match="indices must lie in"):
-        QH9Dataset(path, indices=[4])

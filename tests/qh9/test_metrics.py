@@ -99,7 +99,7 @@ def test_evaluate_model_and_saved_predictions(generated, tmp_path):
     path, _ = generated
     data = QH9Dataset(path)
     summary, kept = evaluate_model(minao_predictor(), data, batch_size=3, keep_predictions=True, progress=False)
-    records = [data[i] for i in range(len(data))]
+    records = list(data.file)
     assert summary == evaluate_predictions(records, [r.H_init for r in records])
     save_predictions(tmp_path / "pred.npz", kept)
     with np.load(tmp_path / "pred.npz") as saved:

@@ -4,11 +4,12 @@ import pytest
 import torch
 from ase.build import molecule
 from e3nn import o3
+from torch_geometric.data import Batch
 
+from equivariance import pair_gate_margin, recorded_pair_gates
 from metaham.nn import SparsePairGate
 from metaham.qh9.basis import UnsupportedError, n_orbitals
-from metaham.qh9.dataset import collate
-from metaham.qh9.formats import Record
+from metaham.qh9.dataset import molecule_data
 from metaham.qh9.head import BLOCK_IRREPS, OrbitalExpansion
 from metaham.qh9.model import QH9Model, build_model
 from metaham.qh9.orbitals import PADDED_IRREPS, wigner_D
@@ -26,14 +27,14 @@ def _batch(names=("H2O", "CH3OH"), seed=0):
     Displaced: the gates keep pairs and paths by rank, so at an exact tie (the two O-H bonds of a symmetric
     water) rounding noise of a rotation may flip which of two equal pairs is kept."""
     rng = np.random.default_rng(seed)
-    records = []
+    molecules = []
     for k, name in enumerate(names):
         atoms = molecule(name)
         n = n_orbitals(atoms.numbers)
         H = rng.normal(size=(n, n))
         pos = atoms.positions + rng.normal(0.0, 0.05, atoms.positions.shape)
-        records.append(Record(k, atoms.numbers.astype(np.int64), pos, H + H.T, None, name, 0))
-    return collate(records)
+        molecules.append(molecule_data(atoms.numbers, pos, H + H.T, id=k, molecule=name))
+    return Batch.from_data_list(molecules)
 
 
 def _model(phase: str) -> QH9Model:
@@ -65,16 +66,16 @@ def test_predicted_matrix_rotates_as_wigner_D_H_DT_in_pyscf_order(phase):
     model = _model(phase)
     assert model.sparsity.phase == ("random" if phase == "dense" else phase)
     batch = _batch()
-    with torch.no_grad():
-        H = model(batch.Z, batch.pos, batch.batch, batch.ptr)
-        again = model(batch.Z, batch.pos, batch.batch, batch.ptr)
+    with torch.no_grad(), recorded_pair_gates(model) as selections:
+        H = model(batch.z, batch.pos, batch.batch, batch.ptr)
+        again = model(batch.z, batch.pos, batch.batch, batch.ptr)
         for h, h2 in zip(H, again):  # eval mode is deterministic in every phase, the random one included
             assert torch.equal(h, h2)
         for k, improper in enumerate([False, False, True]):
             R = _random_rotation(k, improper)
-            rotated = model(batch.Z, batch.pos @ R.T, batch.batch, batch.ptr)
-            for b in range(len(batch)):
-                Z = batch.Z[batch.ptr[b] : batch.ptr[b + 1]]
+            rotated = model(batch.z, batch.pos @ R.T, batch.batch, batch.ptr)
+            for b in range(batch.num_graphs):
+                Z = batch.z[batch.ptr[b] : batch.ptr[b + 1]]
                 D = wigner_D(Z, R)
                 want = D @ H[b].double() @ D.T
                 scale = H[b].abs().max()
@@ -82,6 +83,14 @@ def test_predicted_matrix_rotates_as_wigner_D_H_DT_in_pyscf_order(phase):
                 err = float((rotated[b].double() - want).abs().max() / scale)
                 assert err < 1e-5, f"{phase}: molecule {b}, rotation {k}: relative error {err:.2e}"
             assert all(torch.allclose(h, h.T) for h in rotated)
+    # The premise of the check through the pair gates' hard top-k: the inputs are in general position, no dropped
+    # pair within 1e-3 (relative) of its quantile -- ~1e4 times the float32 rounding of a rotation -- so every
+    # call kept the same pairs (see equivariance.pair_gate_margin).
+    if phase != "dense":
+        per_call = len(selections) // 5  # the pair gates of one forward pass; five passes
+        assert per_call > 0
+        assert all(torch.equal(s.index, selections[i % per_call].index) for i, s in enumerate(selections))
+        assert min(pair_gate_margin(s) for s in selections) > 1e-3
 
 
 def test_fixed_phase_keeps_30_percent_of_each_outputs_paths_dense_twin_has_no_gate():
