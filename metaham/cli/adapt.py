@@ -76,7 +76,12 @@ def run(args: argparse.Namespace) -> int:
     ]
     header = ["model", *(f"mse@{s}" for s in steps), "rollout err", "energy err"]
     diverged = {name: m["diverged_tasks"] for name, m in result["models"].items() if m["diverged_tasks"]}
-    where = "held out from training" if result["held_out"] else f"NOT held out (trained on {', '.join(result['train_systems'])})"
+    where = {
+        "test": f"held out from training: a test system of split {result['split']}",
+        "test_ranges": f"held out from training: the held-out parameter ranges of split {result['split']}",
+        "unseen": f"held out from training: not in split {result['split']}",
+        "train": f"NOT held out: trained on {', '.join(result['train_systems'])}",
+    }[result["split_role"]]
     summary = (
         f"{args.system} ({where}), K={args.shots}, {args.steps} steps, {result['tasks']} tasks, "
         f"backbone {result['backbone']}\n"

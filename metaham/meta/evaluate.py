@@ -249,7 +249,8 @@ def evaluate_adaptation(
         f"mean over {len(tasks) * r} trajectories"
     )
     info = {
-        "held_out": system in run.split.test_systems,
+        "held_out": _split_role(run.split, system) != "train",
+        "split_role": _split_role(run.split, system),
         "split": run.split.name,
         "train_systems": list(run.split.train_systems),
         "query_points": k_query,
@@ -260,6 +261,18 @@ def evaluate_adaptation(
     }
     return AdaptationReport(system, shots, steps, seed, lr, backtrack, protocol, info, results,
                             truth=(t.cpu(), tasks[0].rollouts.q[0].cpu(), tasks[0].rollouts.p[0].cpu()))
+
+
+def _split_role(split: Split, system: str) -> str:
+    """How ``system``'s adaptation tasks relate to training. Held out means "not trained on", so only
+    ``"train"`` is not held out: ``"test"`` a test system of the split, ``"test_ranges"`` a trained system
+    adapted in the split's held-out parameter ranges (parametric splits), ``"unseen"`` a system the split never
+    names (a plugin, another split's system)."""
+    if system in split.test_ranges:
+        return "test_ranges"
+    if system in split.train_systems:
+        return "train"
+    return "test" if system in split.test_systems else "unseen"
 
 
 def _fresh_tasks(run: TrainedRun, system: str, shots: int, n_tasks: int, seed: int, cache_dir, progress) -> list[Task]:

@@ -79,7 +79,7 @@ def test_adapt_reports_the_issue_json_shape_and_a_plot(run_dir, tmp_path, capsys
         assert 0 <= metrics["rollout_rel_err"] <= 1 and 0 <= metrics["energy_rel_err"] <= 1
     assert "full-batch SGD at lr 0.3, a step that does not lower the support loss halved up to 10" in result["protocol"]
     assert result["adapt_backtrack"] == 10
-    assert result["held_out"] is True
+    assert result["held_out"] is True and result["split_role"] == "test"
     assert plot.is_file() and plot.stat().st_size > 0
     assert "mse@10" in captured.out and "protocol:" in captured.out
 
@@ -94,10 +94,22 @@ def test_adapt_to_a_plugin_system(run_dir, tmp_path, capsys, monkeypatch):
                             "--backtrack", "0", "--json")
     assert code == 0, captured.err
     result = json.loads(captured.out.strip().splitlines()[-1])
-    assert result["system"] == "test_anisotropic_oscillator" and result["held_out"] is False
+    # Never trained on, so held out, though the split does not name it as a test system.
+    assert result["system"] == "test_anisotropic_oscillator" and result["held_out"] is True
+    assert result["split_role"] == "unseen"
     assert list(result["models"]["meta"]["vf_mse"]) == ["0", "1", "2"]
-    assert "NOT held out" in captured.out
+    assert "held out from training: not in split" in captured.out and "NOT held out" not in captured.out
     assert "plain full-batch SGD" in result["protocol"] and result["adapt_backtrack"] == 0
+
+
+def test_adapt_to_a_training_system_says_it_is_not_held_out(run_dir, capsys):
+    code, captured = _adapt(capsys, "--checkpoint", str(run_dir), "--system", "mass_spring", "--shots", "5",
+                            "--steps", "1", "--tasks", "2", "--json")
+    assert code == 0, captured.err
+    result = json.loads(captured.out.strip().splitlines()[-1])
+    assert "mass_spring" in result["train_systems"]
+    assert result["held_out"] is False and result["split_role"] == "train"
+    assert "NOT held out: trained on" in captured.out
 
 
 @pytest.mark.parametrize(
