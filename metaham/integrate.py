@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from metaham.errors import IntegrationError
+
 VectorField = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 FIXED_STEP = ("leapfrog", "implicit_midpoint", "rk4")
@@ -177,7 +179,7 @@ class _Midpoint:
             scale = 1.0 + float(torch.maximum(q1.abs().max(), p1.abs().max()))
             if float(change) <= self.tol * scale:
                 return q1, p1
-        raise RuntimeError(
+        raise IntegrationError(
             f"implicit midpoint did not converge in {self.max_iters} iterations (last change {float(change):.3g}); "
             "use a smaller step"
         )
@@ -308,8 +310,8 @@ class _Dop853:
             smallest = float(torch.where(finished, math.inf, h).amin())  # one sync per iteration for all checks
             if not smallest > tiny:
                 if math.isnan(smallest):
-                    raise RuntimeError("dop853: the state became non-finite (an unbounded orbit or a singular field?)")
-                raise RuntimeError(f"dop853: step size underflow (the problem is too stiff for rtol={self.rtol})")
+                    raise IntegrationError("dop853: the state became non-finite (an unbounded orbit or a singular field?)")
+                raise IntegrationError(f"dop853: step size underflow (the problem is too stiff for rtol={self.rtol})")
             if smallest == math.inf:
                 break
             if recorded >= self._RECORD_BUDGET:

@@ -17,6 +17,8 @@ import sys as _sys
 from pathlib import Path
 from typing import Callable
 
+from metaham.errors import PluginError, UserError
+
 from .base import Param, System
 
 _REGISTRY: dict[str, Callable[[], System]] = {}
@@ -24,24 +26,29 @@ _BUILTIN_MODULES = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror"
 _loaded_builtins = False
 
 
-class UnknownSystemError(KeyError):
+class UnknownSystemError(UserError, KeyError):
     """Raised for a system name that is not registered; its message lists the known ones."""
 
     def __str__(self) -> str:  # KeyError quotes its message; we want it plain
         return str(self.args[0])
 
 
-def register(cls=None, *, name: str | None = None, factory: Callable[[], System] | None = None):
+class DuplicateSystemError(UserError, ValueError):
+    """A second system registered under a taken name without ``override=True``."""
+
+
+def register(cls=None, *, name: str | None = None, factory: Callable[[], System] | None = None, override: bool = False):
     """Register a :class:`System` subclass (as a class decorator) or a named factory (a preset).
 
     ``@register`` uses ``cls.name``; ``register(name="two_body", factory=lambda: NBody(2))`` adds a preset.
-    Registering a name twice replaces the earlier entry (so a plugin can override a built-in on purpose).
+    A name already taken (e.g. a built-in's) is a :class:`DuplicateSystemError` unless the newcomer asks to
+    replace it with ``@register(override=True)``: a plugin must not silently change what ``pendulum`` means.
+    Loading the same plugin file again replaces its own entries.
     """
     if factory is not None:
         if not name:
             raise ValueError("register(factory=...) needs a name")
-        _REGISTRY[name] = factory
-        return factory
+        return _add(name, factory, override)
 
     def wrap(c):
         key = name or getattr(c, "name", None)
@@ -49,10 +56,23 @@ def register(cls=None, *, name: str | None = None, factory: Callable[[], System]
             raise ValueError(f"{c.__name__} has no `name`; set the class attribute or pass register(name=...)")
         if not (isinstance(c, type) and issubclass(c, System)):
             raise TypeError(f"{c!r} is not a subclass of systems.System")
-        _REGISTRY[key] = c
-        return c
+        return _add(key, c, override)
 
     return wrap(cls) if cls is not None else wrap
+
+
+def _add(key: str, entry: Callable[[], System], override: bool) -> Callable[[], System]:
+    taken = _REGISTRY.get(key)
+    same_source = taken is not None and getattr(taken, "__module__", None) == getattr(entry, "__module__", "")
+    if taken is not None and taken is not entry and not (override or same_source):
+        origin = getattr(taken, "__module__", "?")
+        owner = "a built-in system" if origin.startswith(f"{__name__}.") else f"registered by {origin}"
+        raise DuplicateSystemError(
+            f"system name {key!r} is already taken ({owner}); choose another name, or register with "
+            "@systems.register(override=True) to replace it on purpose"
+        )
+    _REGISTRY[key] = entry
+    return entry
 
 
 def _load_builtins() -> None:
@@ -78,23 +98,48 @@ def get(name: str) -> System:
 
 
 def load_plugin(path: str | Path) -> list[str]:
-    """Import a user's Python file that registers systems; return the names it added or replaced."""
+    """Import a user's Python file that registers systems; return the names it added or replaced.
+
+    Any failure -- a missing file, an exception while the file runs, a name clash, no system registered -- is a
+    :class:`~metaham.errors.PluginError` naming the file (and the line, for an exception in the file), and
+    leaves the registry as it was.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"plugin file not found: {path}")
+        raise PluginError(f"plugin {path}: no such file")
     _load_builtins()
     before = dict(_REGISTRY)
     mod_name = f"metaham_plugin_{path.stem}_{abs(hash(path.resolve())) % 10**8}"
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise ImportError(f"cannot import plugin {path}: not a Python file")
+        raise PluginError(f"plugin {path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
     _sys.modules[mod_name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        _REGISTRY.clear()
+        _REGISTRY.update(before)
+        _sys.modules.pop(mod_name, None)
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: not the plugin's error to report
+        raise PluginError(f"plugin {path}{_line_in(exc, path)}: {type(exc).__name__}: {exc}") from exc
     added = [k for k, v in _REGISTRY.items() if before.get(k) is not v]
     if not added:
-        raise ValueError(f"plugin {path} registered no system (decorate a System subclass with @systems.register)")
+        raise PluginError(f"plugin {path}: registered no system (decorate a System subclass with @systems.register)")
     return added
 
 
-__all__ = ["Param", "System", "UnknownSystemError", "register", "names", "get", "load_plugin"]
+def _line_in(exc: BaseException, path: Path) -> str:
+    """``", line N"`` of the deepest frame of ``exc``'s traceback inside ``path`` (a SyntaxError has its own)."""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return f", line {exc.lineno}"
+    line, tb, target = "", exc.__traceback__, str(path.resolve())
+    while tb is not None:
+        if str(Path(tb.tb_frame.f_code.co_filename).resolve()) == target:
+            line = f", line {tb.tb_lineno}"
+        tb = tb.tb_next
+    return line
+
+
+__all__ = ["DuplicateSystemError", "Param", "System", "UnknownSystemError", "register", "names", "get", "load_plugin"]

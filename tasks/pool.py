@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from metaham.errors import IntegrationError, NonFiniteError
 from metaham.integrate import ADAPTIVE, simulate
 from systems.base import System, uniform
 
@@ -204,7 +205,10 @@ def _integrate(
     for lo in range(0, flat_q0.shape[0], _CHUNK):
         hi = min(lo + _CHUNK, flat_q0.shape[0])
         chunk_params = {k: v[lo:hi] for k, v in flat_params.items()}
-        q, p = simulate(system, chunk_params, flat_q0[lo:hi], flat_p0[lo:hi], t, config.integrator, **kwargs)
+        try:
+            q, p = simulate(system, chunk_params, flat_q0[lo:hi], flat_p0[lo:hi], t, config.integrator, **kwargs)
+        except IntegrationError as exc:
+            raise IntegrationError(f"{system.name}: simulating its task pool: {exc}") from exc
         q, p = q.detach().transpose(0, 1).contiguous(), p.detach().transpose(0, 1).contiguous()  # (B, T, n, 2)
         _check_finite(system, q, p, chunk_params)
         energy = system.hamiltonian(q, p, {k: v[:, None] for k, v in chunk_params.items()}).detach()
@@ -222,7 +226,7 @@ def _check_finite(system: System, q: Tensor, p: Tensor, params: dict[str, Tensor
     if bool(bad.any()):
         first = int(bad.nonzero()[0])
         values = ", ".join(f"{k}={float(v[first]):.4g}" for k, v in params.items())
-        raise RuntimeError(
+        raise NonFiniteError(
             f"{system.name}: {int(bad.sum())} simulated trajectories became non-finite (first with {values}); "
             "the system's initial-state sampler or parameter ranges allow unbounded orbits"
         )

@@ -23,10 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 import systems as _systems
-from metaham.train.config import ConfigError, shipped_configs_dir
+from metaham.train.config import ConfigError, read_yaml, shipped_configs_dir
 
 from .cache import derive_seed
 from .config import TaskConfig
@@ -144,10 +142,7 @@ def load_split(name_or_path: str | Path) -> Split:
             )
     if not path.is_file():
         raise ConfigError(f"split file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    data = read_yaml(path)
     return Split.from_dict(data or {}, source=str(path), default_name=path.stem)
 
 

@@ -19,6 +19,8 @@ import argparse
 import torch
 from torch.func import functional_call
 
+from metaham.errors import UserError
+
 from . import interleaved_median_times, torch_threads
 
 NAME = "maml"
@@ -42,9 +44,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     from metaham.hamiltonian import HamiltonianGNN, system_edge_index
     from metaham.meta import MAML, MetaTask
 
-    for key in ("tasks", "points", "hidden", "repeats", "threads"):
+    for key in ("tasks", "points", "hidden", "layers", "repeats", "threads"):
         if getattr(args, key) < 1:
-            raise ValueError(f"--{key} must be >= 1, got {getattr(args, key)}")
+            raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
     with torch_threads(args.threads):
         system = systems.get(args.system)
         generator = torch.Generator().manual_seed(0)

@@ -1,18 +1,24 @@
 """The ``metaham`` command line: one module per subcommand, discovered in this package.
 
 Each subcommand module defines ``HELP``, ``EXAMPLES``, ``add_arguments(parser)`` and ``run(args) -> int``
-(see :mod:`metaham.cli._common`). Usage errors exit with code 2 and a message naming the offending value.
+(see :mod:`metaham.cli._common`). One error path for every command: a failure the user caused -- a
+:class:`~metaham.errors.UserError` (bad value, file, plugin, checkpoint, non-finite result) or a file-system
+refusal naming a path (unwritable or missing location, a file where a folder is needed) -- prints one line,
+``metaham COMMAND: error: ...``, and exits 2; ``metaham --debug COMMAND`` (or ``METAHAM_DEBUG=1``) shows its
+traceback. Any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
+import sqlite3
 import sys
 
 from metaham import __version__
 
-from ._common import UsageError
+from metaham.errors import UserError
 
 # Display order of the subcommands; module name -> command name.
 COMMANDS = {
@@ -47,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run `metaham COMMAND --help` for a command's options and examples.",
     )
     parser.add_argument("--version", action="version", version=f"metaham {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of user errors too")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for command, module in _available():
         p = sub.add_parser(
@@ -67,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("METAHAM_DEBUG", "") not in ("", "0")
     try:
         return int(args._run(args) or 0)
-    except UsageError as exc:
-        print(f"metaham {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -80,3 +85,28 @@ def main(argv: list[str] | None = None) -> int:
         # stdout at /dev/null so that Python's own flush at exit does not raise a second time.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None or debug:
+            raise
+        # One line, whatever the message's source put in it (a library's multi-line text, say).
+        message = " ".join(part.strip() for part in message.splitlines() if part.strip())
+        print(f"metaham {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# File-system refusals that a user's choice of path causes (not our bugs).
+_PATH_ERRNOS = {errno.EACCES, errno.EPERM, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.EROFS,
+                errno.ENOSPC, errno.EDQUOT}
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for a failure the user caused, or ``None`` for anything else (a bug)."""
+    if isinstance(exc, UserError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS and exc.filename is not None:
+        where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+        return f"{where}: {exc.strerror or exc}"
+    if isinstance(exc, sqlite3.OperationalError) and ("readonly" in str(exc) or "unable to open" in str(exc)):
+        return f"cannot write the database: {exc} (is its folder writable?)"
+    return None

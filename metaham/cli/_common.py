@@ -14,9 +14,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from metaham.errors import UserError
 
-class UsageError(Exception):
-    """Bad input from the user: printed as ``metaham: error: ...`` with exit code 2."""
+
+class UsageError(UserError):
+    """Bad input from the user: printed as ``metaham COMMAND: error: ...`` with exit code 2."""
 
 
 def emit(args: argparse.Namespace, summary: str, result: dict[str, Any]) -> int:
@@ -79,14 +81,11 @@ def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def load_plugins(paths: list[str]) -> None:
-    """Load ``--plugin`` files, turning any failure into a usage error that names the file."""
+    """Load ``--plugin`` files; a broken one is a :class:`~metaham.errors.PluginError` naming the file."""
     import systems
 
     for path in paths or []:
-        try:
-            systems.load_plugin(path)
-        except (OSError, ImportError, ValueError, TypeError, SyntaxError) as exc:
-            raise UsageError(f"--plugin {path}: {exc}") from exc
+        systems.load_plugin(path)
 
 
 def get_system(name: str):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_json_flag, emit, table
+from ._common import UsageError, add_json_flag, emit, table
 
 HELP = "show the task-pool cache (files and sizes per system) or clear it"
 EXAMPLES = """
@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> int:
     from tasks.cache import cache_files, default_cache_dir, file_system
 
     cache_dir = Path(args.dir) if args.dir else default_cache_dir()
+    if args.dir and not cache_dir.is_dir():
+        raise UsageError(f"--dir {cache_dir}: {'is a file' if cache_dir.exists() else 'no such folder'}")
     files = cache_files(cache_dir, args.system)
+    _check_system_names(args.system, cache_files(cache_dir))
     per_system: dict[str, dict[str, int]] = {}
     for f in files:
         entry = per_system.setdefault(file_system(f), {"files": 0, "bytes": 0})
@@ -51,3 +54,15 @@ def run(args: argparse.Namespace) -> int:
         summary += "\n\n`metaham cache --clear` frees the space; pools are simulated again when a run needs them."
     result = {"cache_dir": str(cache_dir), "files": len(files), "bytes": total, "cleared": args.clear, "systems": per_system}
     return emit(args, summary, result)
+
+
+def _check_system_names(names: list[str] | None, files: list[Path]) -> None:
+    """A ``--system`` name must be a registered system or have pools in the cache (a plugin's, say)."""
+    import systems
+    from tasks.cache import file_system
+
+    known = set(systems.names()) | {file_system(f) for f in files}
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        raise UsageError(f"--system {' '.join(unknown)}: no such system and no pools of it in the cache; "
+                         f"known systems: {', '.join(sorted(known))}")

@@ -19,6 +19,8 @@ from typing import Callable
 
 from torch import nn
 
+from metaham.errors import InvalidValueError
+
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 # name -> module that registers it; imported lazily so that importing the model stays cheap.
 _BUILTIN = {"gcn": "metaham.hamiltonian.gcn", "sparse_equivariant": "metaham.hamiltonian.equivariant"}
@@ -44,5 +46,5 @@ def build_backbone(name: str, hidden: int, layers: int, **options) -> nn.Module:
     if name not in _BACKBONES and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; known backbones: {', '.join(backbone_names())}")
+        raise InvalidValueError(f"unknown backbone {name!r}; known backbones: {', '.join(backbone_names())}")
     return _BACKBONES[name](hidden=hidden, layers=layers, **options)

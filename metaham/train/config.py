@@ -23,12 +23,14 @@ from typing import Any, Mapping
 
 import yaml
 
+from metaham.errors import UserError
+
 
 # Where every run directory keeps its resolved config.
 CONFIG_FILE = "config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config file or override that does not match the schema; the message names the key."""
 
 
@@ -72,6 +74,20 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     )
 
 
+def read_yaml(path: Path) -> Any:
+    """The parsed YAML file ``path``; a file that is not UTF-8 YAML is a :class:`ConfigError` naming the file
+    and, for a syntax error, the line and column, on one line."""
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text file (byte {exc.start} is not UTF-8)") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from exc
+
+
 def load_config(
     schema: Mapping[str, Any], path: str | Path | None = None, overrides: list[str] | None = None
 ) -> dict[str, Any]:
@@ -80,10 +96,7 @@ def load_config(
     config = copy.deepcopy(dict(schema))
     if path is not None:
         path = resolve_config_path(path)
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        data = read_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
         _merge(config, schema, data, prefix="", source=str(path))

@@ -44,4 +44,4 @@ def test_plugin_adds_a_system(capsys):
     names = [s["name"] for s in _json(capsys)["systems"]]
     assert "duffing" in names
     assert main(["systems", "--plugin", "no/such/file.py"]) == 2
-    assert "plugin file not found" in capsys.readouterr().err
+    assert "plugin no/such/file.py: no such file" in capsys.readouterr().err

@@ -1,0 +1,160 @@
+"""Hostile inputs to every command: each gives exit 2, one line on stderr naming the culprit, no traceback, and
+writes nothing.
+
+Each case is ``(argv, culprit)``: the command line (``{tmp}`` is this test's folder, holding the files that
+:func:`hostile_files` makes) and a piece of text the message must contain. The command runs in-process through
+``metaham.cli.main``, so an exception that escapes the CLI's error path fails the test with its traceback.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import systems
+from metaham.cli import main
+from metaham.errors import PluginError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_META = str(ROOT / "tests" / "meta" / "tiny_meta_train.yaml")
+NAN_VECTOR_FIELD = "return surplus_pad(px / m * float('nan')), surplus_pad(-alpha * x - beta * x**3)"
+
+CASES = [
+    # plugins
+    (["simulate", "--system", "pendulum", "--plugin", "{tmp}/raises.py"], "raises.py, line 2: RuntimeError: boom"),
+    (["simulate", "--system", "pendulum", "--plugin", "{tmp}/syntax.py"], "syntax.py, line 1: SyntaxError"),
+    (["simulate", "--system", "pendulum", "--plugin", "{tmp}/empty.py"], "empty.py: registered no system"),
+    (["simulate", "--system", "pendulum", "--plugin", "{tmp}/missing.py"], "missing.py: no such file"),
+    (["simulate", "--system", "pendulum", "--plugin", "{tmp}/duplicate.py"], "'pendulum' is already taken"),
+    (["simulate", "--system", "nan_duffing", "--plugin", "{tmp}/nan.py", "--out", "{tmp}/out.npz"],
+     "trajectory 0 is not finite"),
+    (["adapt", "--checkpoint", "{tmp}/run", "--plugin", "{tmp}/nan.py", "--system", "nan_duffing", "--shots", "5",
+      "--steps", "1", "--tasks", "2", "--no-progress"], "nan_duffing: simulating its task pool"),
+    # simulate: values and output locations
+    (["simulate", "--system", "nosuch"], "unknown system 'nosuch'"),
+    (["simulate", "--system", "pendulum", "--param", "g=nan"], "'g'"),
+    (["simulate", "--system", "pendulum", "--param", "g=abc"], "'abc' is not a number"),
+    (["simulate", "--system", "pendulum", "--param", "warp=1"], "unknown parameter 'warp'"),
+    (["simulate", "--system", "pendulum", "--param", "g"], "expected key=value"),
+    (["simulate", "--system", "pendulum", "--n-points", "1"], "--n-points"),
+    (["simulate", "--system", "pendulum", "--out", "{tmp}/a_file/x.npz"], "a_file is a file, not a folder"),
+    (["simulate", "--system", "pendulum", "--out", "{tmp}/a_folder"], "--out {tmp}/a_folder: is a folder"),
+    (["simulate", "--system", "pendulum", "--plot", "{tmp}/a_folder"], "--plot {tmp}/a_folder: is a folder"),
+    # adapt
+    (["adapt", "--checkpoint", "{tmp}/nowhere", "--system", "pendulum", "--shots", "5", "--steps", "1"],
+     "no such run directory"),
+    (["adapt", "--checkpoint", "{tmp}/garbage_run", "--system", "pendulum", "--shots", "5", "--steps", "1"],
+     "garbage_run"),
+    (["adapt", "--checkpoint", "{tmp}/run", "--system", "nosuch", "--shots", "5", "--steps", "1"], "nosuch"),
+    # meta-train configs
+    (["meta-train", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "missing.yaml"),
+    (["meta-train", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/r"], "bad.yaml, line 2, column 1: not valid YAML"),
+    (["meta-train", "--config", "{tmp}/binary.yaml", "--out", "{tmp}/r"], "binary.yaml: not a text file"),
+    (["meta-train", "--config", TINY_META, "--set", "nosuch.key=1", "--out", "{tmp}/r"], "unknown key 'nosuch'"),
+    (["meta-train", "--config", TINY_META, "--set", "train.outer_steps=abc", "--out", "{tmp}/r"],
+     "'train.outer_steps' must be int"),
+    (["meta-train", "--config", TINY_META, "--set", "split=nosuch_split", "--out", "{tmp}/r"], "nosuch_split"),
+    (["meta-train", "--config", TINY_META, "--set", "model.backbone=nosuch", "--out", "{tmp}/r"], "nosuch"),
+    # qh9
+    (["qh9", "info", "{tmp}/missing.db"], "missing.db: no such file"),
+    (["qh9", "info", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
+    (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
+    (["qh9", "eval", "--checkpoint", "{tmp}/garbage_run"], "garbage_run"),
+    (["qh9", "generate", "--molecules", "NOSUCH", "--out", "{tmp}/g.db"], "'NOSUCH'"),
+    # bench, cache, config, demo
+    (["bench", "maml", "--system", "nosuch"], "unknown system 'nosuch'"),
+    (["bench", "maml", "--repeats", "0"], "--repeats must be >= 1"),
+    (["bench", "maml", "--backbone", "nosuch", "--repeats", "1"], "unknown backbone 'nosuch'"),
+    (["cache", "--dir", "{tmp}/a_file"], "--dir {tmp}/a_file: is a file"),
+    (["cache", "--dir", "{tmp}/nowhere"], "--dir {tmp}/nowhere: no such folder"),
+    (["cache", "--clear", "--system", "nosuch"], "--system nosuch: no such system"),
+    (["config", "show", "nosuch"], "no shipped config named 'nosuch'"),
+    (["config", "show"], "show needs a NAME"),
+    (["config", "list", "extra"], "list takes no name"),
+    (["demo", "--only", "nosuch"], "unknown part(s) nosuch"),
+]
+
+
+def _pendulum_plugin(path: Path, cls: str, name: str, decorator: str, after: str = "") -> Path:
+    """A plugin file registering a pendulum subclass ``cls`` as ``name`` (line 5 holds the decorator)."""
+    path.write_text(f"import systems\nfrom systems.pendulum import Pendulum\n\n\n{decorator}\n"
+                    f"class {cls}(Pendulum):\n    name = {name!r}\n{after}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile_files(tmp_path_factory) -> Path:
+    """A folder of broken inputs, and a tiny meta-train run for the commands that need one."""
+    tmp = tmp_path_factory.mktemp("hostile")
+    (tmp / "raises.py").write_text("import systems\nraise RuntimeError('boom')\n")
+    (tmp / "syntax.py").write_text("def broken(:\n")
+    (tmp / "empty.py").write_text("import systems\nx = 1\n")
+    _pendulum_plugin(tmp / "duplicate.py", "Mine", "pendulum", "@systems.register")
+    duffing = (ROOT / "examples" / "duffing.py").read_text()
+    nan_field = duffing.replace('name = "duffing"', 'name = "nan_duffing"').replace(
+        "return surplus_pad(px / m), surplus_pad(-alpha * x - beta * x**3)", NAN_VECTOR_FIELD)
+    assert NAN_VECTOR_FIELD in nan_field and "nan_duffing" in nan_field  # the example still has that shape
+    (tmp / "nan.py").write_text(nan_field)
+    (tmp / "bad.yaml").write_text("split: [\n")
+    (tmp / "binary.yaml").write_bytes(bytes(range(128, 256)))
+    (tmp / "not_a_db.db").write_text("not a database")
+    (tmp / "a_file").write_text("a regular file")
+    (tmp / "a_folder").mkdir()
+    (tmp / "garbage_run").mkdir()
+    for name in ("meta.pt", "last.pt", "best.pt", "config.yaml"):
+        (tmp / "garbage_run" / name).write_bytes(os.urandom(256))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("METAHAM_CACHE", str(tmp / "cache"))
+        assert main(["meta-train", "--config", TINY_META, "--out", str(tmp / "run"), "--no-progress",
+                     "--set", "train.outer_steps=1", "--set", "train.validate_every=0"]) == 0
+    return tmp
+
+
+def _listing(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if "cache" not in p.parts}
+
+
+@pytest.mark.parametrize("argv, culprit", CASES, ids=[" ".join(c[0][:3]) + f" #{i}" for i, c in enumerate(CASES)])
+def test_hostile_input_exits_2_with_one_line_naming_the_culprit(argv, culprit, hostile_files, capsys, monkeypatch):
+    tmp = hostile_files
+    monkeypatch.setenv("METAHAM_CACHE", str(tmp / "cache"))
+    # Plugins register into a copy of the registry: no case leaks a system into the next.
+    monkeypatch.setattr(systems, "_REGISTRY", dict(systems._REGISTRY))
+    argv = [a.replace("{tmp}", str(tmp)) for a in argv]
+    before = _listing(tmp)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own refusals
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0], err
+    assert culprit.replace("{tmp}", str(tmp)) in lines[0], err
+    assert "Traceback" not in err
+    assert _listing(tmp) == before, "a refused command wrote or changed files"
+
+
+def test_debug_shows_the_traceback_of_a_user_error(hostile_files, capsys, monkeypatch):
+    monkeypatch.setattr(systems, "_REGISTRY", dict(systems._REGISTRY))
+    with pytest.raises(PluginError, match="boom"):
+        main(["--debug", "simulate", "--system", "pendulum", "--plugin", str(hostile_files / "raises.py")])
+
+
+def test_a_plugin_may_replace_a_built_in_when_it_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(systems, "_REGISTRY", dict(systems._REGISTRY))
+    plugin = _pendulum_plugin(tmp_path / "override.py", "Mine", "pendulum", "@systems.register(override=True)")
+    assert systems.load_plugin(plugin) == ["pendulum"]
+    assert type(systems.get("pendulum")).__name__ == "Mine"
+    assert systems.load_plugin(plugin) == ["pendulum"]  # loading the same file again is not a clash
+
+
+def test_a_failed_plugin_leaves_the_registry_as_it_was(tmp_path, monkeypatch):
+    monkeypatch.setattr(systems, "_REGISTRY", dict(systems._REGISTRY))
+    plugin = _pendulum_plugin(tmp_path / "half.py", "Half", "half_registered", "@systems.register",
+                              after="\n\nraise ValueError('fails after registering')\n")
+    before = systems.names()
+    with pytest.raises(PluginError, match="half.py, line 10: ValueError: fails after registering"):
+        systems.load_plugin(plugin)
+    assert systems.names() == before
