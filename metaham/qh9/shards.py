@@ -110,16 +110,20 @@ def _read_input(path: Path) -> _Input:
     try:
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")} if "meta" in tables else {}
-        if not {"data", "failed"} <= tables or "shard" not in meta:
+        if not {"data", "failed"} <= tables or not {"shard", "shard_geometries", "job", "job_molecules"} <= set(meta):
             raise MergeError(f"{path}: not a shard file (written by metaham qh9 generate --shard K/N)")
         rows = list(db.execute("SELECT rowid, name, conformer FROM data ORDER BY rowid"))
         failed = list(db.execute("SELECT name, conformer FROM failed"))
         schema = [r[0] for r in db.execute("SELECT sql FROM sqlite_master WHERE type = 'table' ORDER BY name")]
-    except sqlite3.DatabaseError as exc:
-        raise MergeError(f"{path}: unreadable SQLite file ({exc})") from exc
+    except (sqlite3.DatabaseError, json.JSONDecodeError) as exc:
+        raise MergeError(f"{path}: unreadable SQLite file or meta table ({exc})") from exc
     finally:
         db.close()
-    return _Input(path, meta, Shard.parse(meta["shard"]), rows, failed, schema)
+    try:
+        shard = Shard.parse(meta["shard"])
+    except ValueError as exc:
+        raise MergeError(f"{path}: {exc}") from exc
+    return _Input(path, meta, shard, rows, failed, schema)
 
 
 def _check_consistent(inputs: list[_Input]) -> None:

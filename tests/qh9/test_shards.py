@@ -6,6 +6,7 @@ and refusals in milliseconds.
 """
 import json
 import shutil
+import sqlite3
 
 import numpy as np
 import pytest
@@ -189,6 +190,14 @@ def test_merge_cli_summary_json_and_refusals(fake_scf, tmp_path, capsys):
     shutil.copy(parts[0], copy)
     duplicate = refused("--out", tmp_path / "d.db", parts[0], copy, parts[1])
     assert f"duplicate shard 1/2: {parts[0]} and {copy}" in duplicate
+
+    relabelled = tmp_path / "relabelled_2.db"  # shard 1's rows under the label 2/2: every geometry twice
+    shutil.copy(parts[0], relabelled)
+    with sqlite3.connect(relabelled) as db:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'shard'", (json.dumps("2/2"),))
+    db.close()
+    twice = refused("--out", tmp_path / "d.db", parts[0], relabelled)
+    assert f"duplicate geometry H2 conformer 0 (id 1) in {parts[0]} and {relabelled}" in twice
 
     missing = refused("--out", tmp_path / "p.db", parts[0])
     assert "incomplete set of 2 shards (4 geometries absent): missing shard(s) 2/2" in missing
