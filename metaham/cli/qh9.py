@@ -12,6 +12,8 @@ HELP = (
 EXAMPLES = """
   metaham qh9 generate --out small.db --molecules H2O CH4 --conformers 4 --workers 2
   metaham qh9 generate --out g2.db --molecules g2 --conformers 10 --displacement 0.05
+  metaham qh9 generate --out part_$SLURM_ARRAY_TASK_ID.db --molecules g2 --conformers 10 --shard $SLURM_ARRAY_TASK_ID/8
+  metaham qh9 merge --out g2.db part_*.db --json
   metaham qh9 info QH9Stable.db --json
   metaham qh9 info processed/QH9Stable.lmdb --trust-pickle
   metaham qh9 baseline --data g2.db --split test --split-by dynamic-geo --json
@@ -54,8 +56,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--seed", type=positive(int, allow_zero=True), default=0, help="seed of the displacements (default 0)"
     )
+    p.add_argument(
+        "--shard", type=_shard, metavar="K/N",
+        help="compute only part K of N (K = 1..N, e.g. $SLURM_ARRAY_TASK_ID/8 under #SBATCH --array=1-8) of the "
+        "job the other flags describe, into its own --out file (any name; the file records K/N); "
+        "join the N files with `metaham qh9 merge`",
+    )
     add_json_flag(p)
     p.set_defaults(_qh9=_generate)
+
+    p = sub.add_parser(
+        "merge",
+        help="join the files of `generate --shard K/N` into the file the unsharded run writes",
+        description="Checks that the files are the shards of one job with one set of DFT settings, each shard "
+        "once, none unfinished, then writes the rows in id order to a temporary file beside --out and renames "
+        "it. Refused (exit 2, naming the files): duplicates, mismatched settings or jobs, missing or unfinished "
+        "shards (unless --allow-partial), an existing --out (unless --force).",
+    )
+    p.add_argument("shards", nargs="+", metavar="SHARD.db", help="the shard files (any order)")
+    p.add_argument("--out", required=True, metavar="FILE.db", help="the merged file to write")
+    p.add_argument(
+        "--allow-partial", action="store_true",
+        help="merge an incomplete set (missing or unfinished shards), reporting what is absent; ids stay those "
+        "of the whole job, exact unless an absent geometry would have failed",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing --out (atomically)")
+    add_json_flag(p)
+    p.set_defaults(_qh9=_merge)
 
     p = sub.add_parser("info", help="format, rows, elements, atoms and orbitals per molecule of a QH9 file")
     p.add_argument("file", metavar="FILE", help="QH9 SQLite file or QHBench LMDB")
@@ -135,6 +162,15 @@ def _molecules(items: list[str]):
     return molecules
 
 
+def _shard(text: str):
+    from metaham.qh9.shards import Shard
+
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _generate(args: argparse.Namespace) -> int:
     from metaham.qh9.generate import DFTSettings, generate
 
@@ -143,16 +179,36 @@ def _generate(args: argparse.Namespace) -> int:
         settings = DFTSettings(xc=args.xc, basis=args.basis)
         stats = generate(
             args.out, molecules, conformers=args.conformers, displacement=args.displacement,
-            settings=settings, workers=args.workers, seed=args.seed,
+            settings=settings, workers=args.workers, seed=args.seed, shard=args.shard,
         )
     except ValueError as exc:  # bad molecule, basis, xc, or an --out file that cannot be resumed
         raise UsageError(str(exc)) from exc
+    share = f" (shard {stats['shard']} of a {stats['job_total']}-geometry job)" if args.shard else ""
     summary = (
         f"{stats['out']}: {stats['computed']} geometries computed, {stats['existing']} already present, "
         f"{stats['failed']} failed (SCF not converged; recorded in table 'failed') "
-        f"of {stats['total']} asked for, in {stats['seconds']:.1f} s"
+        f"of {stats['total']} asked for{share}, in {stats['seconds']:.1f} s"
     )
     return emit(args, summary, stats)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from metaham.qh9.shards import merge
+
+    try:
+        result = merge(args.out, args.shards, allow_partial=args.allow_partial, force=args.force)
+    except ValueError as exc:  # MergeError: the message names the files
+        raise UsageError(str(exc)) from exc
+    summary = f"{result['out']}: {result['rows']} rows ({result['failed']} failed geometries) from " + (
+        f"{len(result['shards'])} of {result['count']} shards"
+    )
+    if not result["complete"]:
+        absent = result["missing_shards"] + result["unfinished_shards"]
+        summary += (
+            f"\nPARTIAL: {result['missing_geometries']} geometries absent; missing or unfinished shards: "
+            + ", ".join(absent)
+        )
+    return emit(args, summary, result)
 
 
 def _info(args: argparse.Namespace) -> int:

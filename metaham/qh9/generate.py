@@ -17,6 +17,9 @@ Every geometry is one committed SQLite transaction: an interrupted run leaves a 
 skips the ``(name, conformer)`` pairs already stored. A geometry whose SCF does not converge is recorded in
 the ``failed`` table (not in ``data``) and skipped by reruns too. The file's ``meta`` table holds the
 settings; a rerun with different settings is refused rather than mixed into one file.
+
+With ``shard``, a run computes only its share of the job and records which share it is; see
+:mod:`metaham.qh9.shards` for the partition and for merging the shard files.
 """
 from __future__ import annotations
 
@@ -33,7 +36,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .basis import N_AO, UnsupportedError, check_elements, normalize_basis
+from .basis import N_AO, UnsupportedError, check_elements, n_orbitals, normalize_basis
+from .shards import Shard, assign, brief, job_record
 
 
 @dataclass(frozen=True)
@@ -228,12 +232,15 @@ def _open_output(out: Path, settings_record: dict) -> sqlite3.Connection:
             raise ValueError(f"{out}: exists and was not written by metaham qh9 generate; choose another --out")
         db.executescript(_SCHEMA)
         stored = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        if stored and ("shard" in stored) != ("shard" in settings_record):
+            was = f"as shard {stored['shard']}" if "shard" in stored else "without --shard"
+            raise ValueError(f"{out}: was generated {was}; use another --out (one file holds one shard or a whole job)")
         for key, value in settings_record.items():
             if key == "pyscf_version" or key not in stored:
                 continue
             if stored[key] != value:
                 raise ValueError(
-                    f"{out}: was generated with {key}={stored[key]!r}, this run asks for {value!r}; "
+                    f"{out}: was generated with {key}={brief(stored[key])}, this run asks for {brief(value)}; "
                     "use another --out (one file holds one set of settings)"
                 )
         with db:
@@ -250,8 +257,13 @@ def _open_output(out: Path, settings_record: dict) -> sqlite3.Connection:
     return db
 
 
-def _store(db: sqlite3.Connection, name: str, k: int, Z: np.ndarray, pos: np.ndarray, result) -> bool:
-    """One committed transaction per geometry; ``False`` when the geometry failed (recorded in ``failed``)."""
+def _store(
+    db: sqlite3.Connection, name: str, k: int, Z: np.ndarray, pos: np.ndarray, result, row_id: int | None
+) -> bool:
+    """One committed transaction per geometry; ``False`` when the geometry failed (recorded in ``failed``).
+
+    ``row_id`` ``None`` numbers the row after the last one (an unsharded file); a shard gives its job position.
+    """
     with db:
         if isinstance(result, str) or not result.converged:
             reason = result if isinstance(result, str) else f"SCF not converged after {result.cycles} cycles"
@@ -262,9 +274,10 @@ def _store(db: sqlite3.Connection, name: str, k: int, Z: np.ndarray, pos: np.nda
             )
             return False
         db.execute(
-            "INSERT INTO data (N, Z, pos, Ham, H_init, energy, scf_cycles, name, conformer) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO data (id, N, Z, pos, Ham, H_init, energy, scf_cycles, name, conformer) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
+                row_id,
                 len(Z),
                 np.ascontiguousarray(Z, dtype=np.int32).tobytes(),
                 np.ascontiguousarray(pos, dtype=np.float64).tobytes(),
@@ -288,6 +301,7 @@ def generate(
     workers: int = 1,
     seed: int = 0,
     progress: bool = True,
+    shard: Shard | None = None,
 ) -> dict:
     """Compute and store every ``(molecule, conformer)`` not yet in ``out`` (see the module docstring).
 
@@ -300,10 +314,13 @@ def generate(
         workers: processes; each runs pyscf on one thread when ``workers > 1``.
         seed: seed of the displacements.
         progress: show a progress bar with ETA on stderr.
+        shard: compute only this share of the job (:mod:`metaham.qh9.shards`); rows then carry their job
+            position + 1 as id, and the file records the shard and the job.
 
     Returns:
-        ``{"out", "total", "existing", "computed", "failed", "seconds"}``: geometries asked for, already in
-        the file, newly stored, and newly failed (non-converged or erroring SCF) in this run.
+        ``{"out", "total", "existing", "computed", "failed", "seconds"}``: geometries asked for (this shard's
+        share with ``shard``), already in the file, newly stored, and newly failed (non-converged or erroring
+        SCF) in this run; with ``shard`` also ``"shard"`` (``"K/N"``) and ``"job_total"``.
     """
     settings = DFTSettings(**{**asdict(settings), "basis": normalize_basis(settings.basis)})
     if conformers < 1 or workers < 1 or seed < 0 or not np.isfinite(displacement) or displacement < 0:
@@ -315,28 +332,39 @@ def generate(
         _check_molecule(m.Z, f"molecule {m.name}")
     _validate_xc(settings.xc)
 
+    job = [(m, k) for m in molecules for k in range(conformers)]  # position p (id p + 1 when nothing fails)
+    record = _settings_record(settings, displacement, seed)
+    extra = {}
+    if shard is None:
+        positions = [(m, k, None) for m, k in job]
+    else:
+        shard_of = assign([n_orbitals(m.Z) ** 3 for m, _ in job], shard.count)
+        positions = [(m, k, p + 1) for p, (m, k) in enumerate(job) if shard_of[p] == shard.index]
+        names = [m.name for m in molecules]
+        record.update(
+            job=job_record(names, [m.Z for m in molecules], [m.pos for m in molecules], conformers),
+            shard=str(shard), shard_geometries=len(positions), job_molecules=names,
+        )
+        extra = {"shard": str(shard), "job_total": len(job)}
+
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    db = _open_output(out, _settings_record(settings, displacement, seed))
+    db = _open_output(out, record)
     started = time.perf_counter()
     try:
         done = set(db.execute("SELECT name, conformer FROM data UNION SELECT name, conformer FROM failed"))
-        jobs = [
-            (m.name, k, m.Z, conformer(m, k, displacement, seed), settings)
-            for m in molecules
-            for k in range(conformers)
-            if (m.name, k) not in done
-        ]
-        total = len(molecules) * conformers
-        stats = {"out": str(out), "total": total, "existing": total - len(jobs), "computed": 0, "failed": 0}
+        todo = [(m, k, row_id) for m, k, row_id in positions if (m.name, k) not in done]
+        jobs = [(m.name, k, m.Z, conformer(m, k, displacement, seed), settings) for m, k, _ in todo]
+        total = len(positions)
+        stats = {"out": str(out), "total": total, "existing": total - len(jobs), "computed": 0, "failed": 0, **extra}
         from tqdm import tqdm
 
         bar = tqdm(
             total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr, disable=not progress
         )
         try:
-            for name, k, Z, pos, result in _run(jobs, workers):
-                stats["computed" if _store(db, name, k, Z, pos, result) else "failed"] += 1
+            for (_, _, row_id), (name, k, Z, pos, result) in zip(todo, _run(jobs, workers)):
+                stats["computed" if _store(db, name, k, Z, pos, result, row_id) else "failed"] += 1
                 bar.update(1)
         finally:
             bar.close()
