@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from metaham.errors import UserError
+
 BASIS = "def2-svp"
 SYMBOLS = {1: "H", 6: "C", 7: "N", 8: "O", 9: "F"}
 # Angular momentum of each shell, pyscf order (shells sorted by l, as in pyscf's def2-SVP).
@@ -26,7 +28,7 @@ _ELEMENT_NAMES = (
 ).split()
 
 
-class UnsupportedError(ValueError):
+class UnsupportedError(UserError, ValueError):
     """An element or basis outside QH9's def2-SVP layout for H, C, N, O, F; the message names it."""
 
 

@@ -39,6 +39,8 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from metaham.errors import UserError
+
 from .basis import check_elements, n_orbitals
 
 BOHR = 0.52917721092  # Angstrom per Bohr: pyscf.lib.param.BOHR, the constant of the pyscf that wrote QH9-dynamic
@@ -47,7 +49,7 @@ _SQLITE_MAGIC = b"SQLite format 3\x00"
 _LMDB_MAGIC = b"\xde\xc0\xef\xbe"  # MDB_meta.mm_magic (0xBEEFC0DE, little-endian) after the 16-byte page header
 
 
-class QH9FormatError(ValueError):
+class QH9FormatError(UserError, ValueError):
     """A file or row that is not readable QH9 data; the message names the file (and the row)."""
 
 
@@ -231,6 +233,9 @@ def _floats(value: Any, count: int, name: str, where: str, explain: str = "") ->
         raise QH9FormatError(f"{where}: {name} is a {type(value).__name__}, expected float64 bytes")
     if out.size != count:
         raise QH9FormatError(f"{where}: {name} has {out.size} values, expected {count}{explain}")
+    finite = np.isfinite(out)
+    if not finite.all():  # a NaN would otherwise surface far away, as a failed eigensolve or a dropped metric
+        raise QH9FormatError(f"{where}: {name} holds a non-finite value (NaN or inf) at entry {int(np.argmin(finite))}")
     return out
 
 
@@ -479,6 +484,20 @@ class _LMDBFile(QH9File):
         state = dict(self.__dict__)
         state["_env"], state["_pid"] = None, -1
         return state
+
+
+def check_rows(file: QH9File, limit: int = 20) -> tuple[int, list[str]]:
+    """Read every row as the loaders do (sizes, elements, finite values): ``(rows read, problems)``, the
+    problems one message per bad row naming it, at most ``limit`` of them."""
+    problems, n = [], len(file)
+    for index in range(n):
+        try:
+            file[index]
+        except QH9FormatError as exc:
+            problems.append(str(exc))
+            if len(problems) >= limit:
+                break
+    return n, problems
 
 
 def describe(file: QH9File) -> dict[str, Any]:

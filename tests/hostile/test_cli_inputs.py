@@ -8,6 +8,7 @@ Each case is ``(argv, culprit)``: the command line (``{tmp}`` is this test's fol
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from metaham.errors import PluginError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_META = str(ROOT / "tests" / "meta" / "tiny_meta_train.yaml")
+PROGRESS_BAR = re.compile(r"^[\w ]*:\s+\d+%\|")
 NAN_VECTOR_FIELD = "return surplus_pad(px / m * float('nan')), surplus_pad(-alpha * x - beta * x**3)"
 
 CASES = [
@@ -62,6 +64,9 @@ CASES = [
     (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "eval", "--checkpoint", "{tmp}/garbage_run"], "garbage_run"),
     (["qh9", "generate", "--molecules", "NOSUCH", "--out", "{tmp}/g.db"], "'NOSUCH'"),
+    (["qh9", "info", "{tmp}/nan_H.db"], "nan_H.db: row 2: Ham holds a non-finite value (NaN or inf) at entry 3"),
+    (["qh9", "info", "{tmp}/short_H.db"], "short_H.db: row 1: Ham has 100 bytes"),
+    (["qh9", "baseline", "--data", "{tmp}/nan_H.db", "--split", "all"], "row 2: Ham holds a non-finite"),
     # bench, cache, config, demo
     (["bench", "maml", "--system", "nosuch"], "unknown system 'nosuch'"),
     (["bench", "maml", "--repeats", "0"], "--repeats must be >= 1"),
@@ -104,11 +109,34 @@ def hostile_files(tmp_path_factory) -> Path:
     (tmp / "garbage_run").mkdir()
     for name in ("meta.pt", "last.pt", "best.pt", "config.yaml"):
         (tmp / "garbage_run" / name).write_bytes(os.urandom(256))
+    _damaged_qh9_files(tmp)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("METAHAM_CACHE", str(tmp / "cache"))
         assert main(["meta-train", "--config", TINY_META, "--out", str(tmp / "run"), "--no-progress",
                      "--set", "train.outer_steps=1", "--set", "train.validate_every=0"]) == 0
     return tmp
+
+
+def _damaged_qh9_files(tmp: Path) -> None:
+    """``nan_H.db``: row 2's H holds a NaN; ``short_H.db``: row 1's H blob is cut to 100 bytes."""
+    import shutil
+    import sqlite3
+
+    import numpy as np
+
+    from metaham.qh9.generate import g2_molecules, generate
+
+    generate(tmp / "h2.db", g2_molecules(["H2"]), conformers=2, displacement=0.05, progress=False, workers=1)
+    for name, row in (("nan_H.db", 2), ("short_H.db", 1)):
+        shutil.copy(tmp / "h2.db", tmp / name)
+        with sqlite3.connect(tmp / name) as db:
+            blob = db.execute("SELECT Ham FROM data WHERE id = ?", (row,)).fetchone()[0]
+            if name == "nan_H.db":
+                H = np.frombuffer(blob, dtype=np.float64).copy()
+                H[3] = np.nan
+                blob = H.tobytes()
+            db.execute("UPDATE data SET Ham = ? WHERE id = ?", (blob[:100] if name == "short_H.db" else blob, row))
+    (tmp / "h2.db").unlink()
 
 
 def _listing(folder: Path) -> dict[str, int]:
@@ -129,7 +157,8 @@ def test_hostile_input_exits_2_with_one_line_naming_the_culprit(argv, culprit, h
         code = exc.code
     err = capsys.readouterr().err
     assert code == 2, err
-    lines = err.strip().splitlines()
+    # Progress bars (tqdm, on stderr like the error) are not messages: "desc:  0%|...".
+    lines = [line for line in err.strip().replace("\r", "\n").splitlines() if line and not PROGRESS_BAR.match(line)]
     assert len(lines) == 1 and "error" in lines[0], err
     assert culprit.replace("{tmp}", str(tmp)) in lines[0], err
     assert "Traceback" not in err
