@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from metaham.atomic import check_output
+
 from ._common import UsageError, add_device_flag, add_json_flag, emit, positive, resolve_device, table
 
 HELP = (
@@ -66,6 +68,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="compute only part K of N (K = 1..N, e.g. $SLURM_ARRAY_TASK_ID/8 under #SBATCH --array=1-8) of the "
         "job the other flags describe, into its own --out file (any name; the file records K/N); "
         "join the N files with `metaham qh9 merge`",
+    )
+    p.add_argument(
+        "--max-orbitals", type=positive(int), default=600,
+        help="refuse molecules with more def2-SVP atomic orbitals before any SCF starts (default 600, about 15 min "
+        "per geometry on one core; QH9's molecules have up to ~230)",
     )
     add_json_flag(p)
     p.set_defaults(_qh9=_generate)
@@ -183,12 +190,14 @@ def _shard(text: str):
 def _generate(args: argparse.Namespace) -> int:
     from metaham.qh9.generate import DFTSettings, generate
 
+    check_output(args.out, "--out")
     try:
         molecules = _molecules(args.molecules)
         settings = DFTSettings(xc=args.xc, basis=args.basis)
         stats = generate(
             args.out, molecules, conformers=args.conformers, displacement=args.displacement,
             settings=settings, workers=args.workers, seed=args.seed, shard=args.shard,
+            max_orbitals=args.max_orbitals,
         )
     except ValueError as exc:  # bad molecule, basis, xc, or an --out file that cannot be resumed
         raise UsageError(str(exc)) from exc

@@ -36,6 +36,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from metaham.errors import InvalidValueError
+
 from .basis import N_AO, UnsupportedError, check_elements, n_orbitals, normalize_basis
 from .shards import Shard, assign, brief, job_record
 
@@ -75,10 +77,47 @@ class SCFResult:
 # ------------------------------------------------------------------------------------------- molecules
 
 
+# Atoms closer than this (Angstrom) are a broken geometry (the shortest bond, H2's, is 0.74 A), not chemistry.
+MIN_DISTANCE = 0.3
+# pyscf B3LYP/def2-SVP SCF seconds on one core ~ SCF_SECONDS_24 * (norb / 24) ** SCF_EXPONENT: fitted to water
+# (24 AOs, 0.98 s, 9 cycles) and benzene (114 AOs, 26.7 s, 9 cycles) with QH9's settings on this project's 2-core
+# VM, one pyscf thread (2026-12-05; `run_scf` timed). A guide for refusing and for the ETA, not a promise.
+SCF_SECONDS_24, SCF_EXPONENT = 0.98, 2.1
+# Refused above this many atomic orbitals unless raised: ~15 min per geometry by the estimate (QH9's largest
+# molecules have ~230). A 200-atom molecule (~1,500 AOs) would take hours per geometry.
+MAX_ORBITALS = 600
+
+
 def _check_molecule(Z: np.ndarray, where: str) -> None:
+    if len(Z) == 0:
+        raise InvalidValueError(f"{where}: no atoms")
     check_elements(Z, where)
     if int(Z.sum()) % 2:
         raise UnsupportedError(f"{where}: odd number of electrons ({int(Z.sum())}); only closed shells are supported")
+
+
+def check_geometry(Z: np.ndarray, pos: np.ndarray, where: str) -> None:
+    """Refuse a geometry no SCF should be started on: no atoms, a non-finite coordinate, coincident atoms
+    (closer than :data:`MIN_DISTANCE`); the :class:`~metaham.errors.InvalidValueError` names the atoms."""
+    _check_molecule(Z, where)
+    pos = np.asarray(pos, dtype=np.float64)
+    if pos.shape != (len(Z), 3):
+        raise InvalidValueError(f"{where}: positions of shape {pos.shape} for {len(Z)} atoms")
+    bad = np.flatnonzero(~np.isfinite(pos).all(axis=1))
+    if bad.size:
+        raise InvalidValueError(f"{where}: atom {int(bad[0])} has a non-finite coordinate {pos[bad[0]].tolist()}")
+    distance = np.linalg.norm(pos[:, None] - pos[None], axis=-1) + np.diag(np.full(len(Z), np.inf))
+    i, j = np.unravel_index(int(np.argmin(distance)), distance.shape) if len(Z) > 1 else (0, 0)
+    if len(Z) > 1 and distance[i, j] < MIN_DISTANCE:
+        raise InvalidValueError(
+            f"{where}: atoms {min(i, j)} and {max(i, j)} are {distance[i, j]:.3g} A apart (< {MIN_DISTANCE} A): "
+            "coincident atoms"
+        )
+
+
+def estimated_scf_seconds(norb: int) -> float:
+    """Rough one-core seconds of one SCF of a molecule with ``norb`` atomic orbitals (see :data:`SCF_EXPONENT`)."""
+    return SCF_SECONDS_24 * (norb / 24) ** SCF_EXPONENT
 
 
 def g2_molecules(names: Sequence[str] | None = None) -> list[Molecule]:
@@ -132,7 +171,7 @@ def read_xyz(path: str | os.PathLike) -> list[Molecule]:
     for i, atoms in enumerate(frames):
         name = path.stem if len(frames) == 1 else f"{path.stem}:{i}"
         Z = atoms.numbers.astype(np.int64)
-        _check_molecule(Z, f"{path} frame {i}" if len(frames) > 1 else str(path))
+        check_geometry(Z, atoms.positions, f"{path} frame {i}" if len(frames) > 1 else str(path))
         out.append(Molecule(name, Z, atoms.positions.astype(np.float64)))
     return out
 
@@ -178,10 +217,49 @@ def run_scf(Z: np.ndarray, pos: np.ndarray, settings: DFTSettings = DFTSettings(
     return SCFResult(H, H_init, float(energy), bool(mf.converged), int(getattr(mf, "cycles", -1)))
 
 
-def _init_worker() -> None:
+class _CostClock:
+    """Time left, by estimated cost: geometries differ ~100x in SCF time, so a count-based ETA misleads. The
+    estimates give the shares; the measured pace (elapsed per estimated second done) gives the scale."""
+
+    def __init__(self, costs: list[float]):
+        self.costs, self.done, self.started = costs, 0, time.perf_counter()
+
+    def step(self) -> str:
+        self.done += 1
+        done = sum(self.costs[: self.done])
+        left = sum(self.costs[self.done :]) * (time.perf_counter() - self.started) / max(done, 1e-9)
+        return f"~{left / 60:.1f} min left (cost-weighted)"
+
+
+def _init_worker(parent: int) -> None:
+    _exit_with_parent(parent)  # first: the parent may die while pyscf is still importing
     from pyscf import lib
 
     lib.num_threads(1)  # parallelism comes from the worker processes
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker when process ``parent`` dies, even by kill -9 (a pool's own clean-up never runs then): the
+    kernel's parent-death signal on Linux, else a thread that watches the parent's pid. A parent already gone
+    (this process was re-parented before getting here) ends it at once."""
+    import signal
+    import threading
+
+    if os.getppid() != parent:
+        os._exit(1)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0 and os.getppid() == parent:
+            return
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _compute(job: tuple) -> tuple:
@@ -302,6 +380,7 @@ def generate(
     seed: int = 0,
     progress: bool = True,
     shard: Shard | None = None,
+    max_orbitals: int = MAX_ORBITALS,
 ) -> dict:
     """Compute and store every ``(molecule, conformer)`` not yet in ``out`` (see the module docstring).
 
@@ -316,6 +395,10 @@ def generate(
         progress: show a progress bar with ETA on stderr.
         shard: compute only this share of the job (:mod:`metaham.qh9.shards`); rows then carry their job
             position + 1 as id, and the file records the shard and the job.
+        max_orbitals: refuse molecules with more atomic orbitals (cost grows ~ norb^2.1, see
+            :func:`estimated_scf_seconds`) before any SCF starts.
+
+    Every geometry (each conformer) is checked by :func:`check_geometry` before any SCF starts.
 
     Returns:
         ``{"out", "total", "existing", "computed", "failed", "seconds"}``: geometries asked for (this shard's
@@ -330,6 +413,14 @@ def generate(
         raise ValueError(f"molecule names must be unique; repeated: {', '.join(duplicates)}")
     for m in molecules:
         _check_molecule(m.Z, f"molecule {m.name}")
+        norb = n_orbitals(m.Z)
+        if norb > max_orbitals:
+            hours = estimated_scf_seconds(norb) / 3600
+            raise InvalidValueError(
+                f"molecule {m.name}: {norb} atomic orbitals ({len(m.Z)} atoms) is more than max_orbitals "
+                f"{max_orbitals}; one SCF would take ~{hours:.1f} h on one core (estimate); raise the limit "
+                "(--max-orbitals) to run it anyway"
+            )
     _validate_xc(settings.xc)
 
     job = [(m, k) for m in molecules for k in range(conformers)]  # position p (id p + 1 when nothing fails)
@@ -347,6 +438,8 @@ def generate(
         )
         extra = {"shard": str(shard), "job_total": len(job)}
 
+    for m, k, _ in positions:  # before the file exists: a refused job writes nothing
+        check_geometry(m.Z, conformer(m, k, displacement, seed), f"molecule {m.name} conformer {k}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     db = _open_output(out, record)
@@ -362,9 +455,11 @@ def generate(
         bar = tqdm(
             total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr, disable=not progress
         )
+        eta = _CostClock([estimated_scf_seconds(n_orbitals(job[2])) for job in jobs])
         try:
             for (_, _, row_id), (name, k, Z, pos, result) in zip(todo, _run(jobs, workers)):
                 stats["computed" if _store(db, name, k, Z, pos, result, row_id) else "failed"] += 1
+                bar.set_postfix_str(eta.step(), refresh=False)
                 bar.update(1)
         finally:
             bar.close()
@@ -393,5 +488,5 @@ def _run(jobs: list[tuple], workers: int) -> Iterable[tuple]:
 
     # spawn, not fork: a forked child of a process that already ran OpenMP code can hang in pyscf.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(jobs)), initializer=_init_worker) as pool:
+    with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
         yield from pool.imap(_compute, jobs, chunksize=1)

@@ -64,6 +64,12 @@ CASES = [
     (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "eval", "--checkpoint", "{tmp}/garbage_run"], "garbage_run"),
     (["qh9", "generate", "--molecules", "NOSUCH", "--out", "{tmp}/g.db"], "'NOSUCH'"),
+    (["qh9", "generate", "--molecules", "{tmp}/no_atoms.xyz", "--out", "{tmp}/g.db"], "no_atoms.xyz: no atoms"),
+    (["qh9", "generate", "--molecules", "{tmp}/coincident.xyz", "--out", "{tmp}/g.db"], "coincident atoms"),
+    (["qh9", "generate", "--molecules", "{tmp}/nan.xyz", "--out", "{tmp}/g.db"], "atom 1 has a non-finite coordinate"),
+    (["qh9", "generate", "--molecules", "H2O", "--out", "{tmp}/a_file/g.db"], "a_file is a file, not a folder"),
+    (["qh9", "generate", "--molecules", "H2O", "--max-orbitals", "20", "--out", "{tmp}/g.db"],
+     "24 atomic orbitals (3 atoms) is more than max_orbitals 20"),
     (["qh9", "info", "{tmp}/nan_H.db"], "nan_H.db: row 2: Ham holds a non-finite value (NaN or inf) at entry 3"),
     (["qh9", "info", "{tmp}/short_H.db"], "short_H.db: row 1: Ham has 100 bytes"),
     (["qh9", "baseline", "--data", "{tmp}/nan_H.db", "--split", "all"], "row 2: Ham holds a non-finite"),
@@ -102,6 +108,9 @@ def hostile_files(tmp_path_factory) -> Path:
     assert NAN_VECTOR_FIELD in nan_field and "nan_duffing" in nan_field  # the example still has that shape
     (tmp / "nan.py").write_text(nan_field)
     (tmp / "bad.yaml").write_text("split: [\n")
+    (tmp / "no_atoms.xyz").write_text("0\n\n")
+    (tmp / "coincident.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.01\n")
+    (tmp / "nan.xyz").write_text("2\n\nH 0 0 0\nH nan 0 0.7\n")
     (tmp / "binary.yaml").write_bytes(bytes(range(128, 256)))
     (tmp / "not_a_db.db").write_text("not a database")
     (tmp / "a_file").write_text("a regular file")
