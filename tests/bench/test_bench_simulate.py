@@ -31,7 +31,11 @@ def test_bench_reports_both_sides_at_the_target_accuracy():
                               "--n-points", "20", "--t-end", "3"])
     summary, result = bench.run(args)
     entry = result["systems"]["mass_spring"]
-    assert entry["ours_max_error"] <= 1e-7 and entry["scipy_max_error"] <= 1e-7
+    assert list(entry["scipy"]) == ["LSODA", "DOP853", "RK45"]
+    assert entry["ours_max_error"] <= 1e-7 and all(m["max_error"] <= 1e-7 for m in entry["scipy"].values())
     assert entry["reference_check"] < 1e-9  # the reference agrees with an independent solver
-    assert result["speedup_min"] == entry["speedup"] > 0
-    assert "mass_spring" in summary and "scaled" in summary
+    times = {name: m["time_s"] for name, m in entry["scipy"].items()}
+    assert entry["fastest_scipy_method"] == min(times, key=times.get)
+    assert entry["speedup_vs_fastest"] == pytest.approx(times[entry["fastest_scipy_method"]] / entry["ours_time_s"])
+    assert result["speedup_min"] == entry["speedup_vs_fastest"] > 0
+    assert "mass_spring" in summary and "scaled" in summary and "fastest" in summary
