@@ -6,7 +6,9 @@ import torch
 import yaml
 
 from metaham.meta import MAML, training
+from metaham.meta import config as meta_config
 from metaham.train import ConfigError
+from tasks.cache import derive_seed
 
 TINY = Path(__file__).with_name("tiny_meta_train.yaml")
 
@@ -18,7 +20,7 @@ def _task_cache(tmp_path_factory, monkeypatch):
 
 
 def _config(*overrides):
-    return training.load_meta_config(TINY, list(overrides))
+    return meta_config.load_meta_config(TINY, list(overrides))
 
 
 def _assert_same_state(a: dict, b: dict):
@@ -55,7 +57,7 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     resumed = training.train(_config(), tmp_path / "cut", resume=True, progress=False)
     assert resumed["meta"].resumed_from == 2 and resumed["meta"].steps == 4
     assert resumed["pretrained"].resumed_from == 0
-    for kind in training.LEARNERS:
+    for kind in meta_config.LEARNERS:
         a = torch.load(tmp_path / "full" / f"{kind}.pt", weights_only=True)
         b = torch.load(tmp_path / "cut" / f"{kind}.pt", weights_only=True)
         _assert_same_state(a, b)
@@ -70,7 +72,7 @@ def test_checkpoint_is_a_plain_dict_with_everything_to_continue(tmp_path):
     training.train(_config("train.pretrain=false", "maml.meta_sgd=true"), tmp_path, progress=False)
     assert not (tmp_path / "pretrained.pt").exists()
     state = torch.load(tmp_path / "meta.pt", weights_only=True)
-    assert state["format"] == training.CHECKPOINT_FORMAT and state["kind"] == "meta"
+    assert state["format"] == meta_config.CHECKPOINT_FORMAT and state["kind"] == "meta"
     assert state["step"] == state["outer_steps"] == 4
     assert set(state) >= {"model", "optimizer", "learner", "rng", "config", "split", "adapt", "model_config"}
     assert state["split"]["test_systems"] == ["pendulum"]
@@ -87,7 +89,7 @@ def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_object
     training.train(_config("train.outer_steps=1"), tmp_path, progress=False)
     meta = torch.load(tmp_path / "meta.pt", weights_only=True)["model"]
     pre = torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]
-    init = training.initial_model(_config(), training.derive_seed("init", 0)).state_dict()
+    init = meta_config.initial_model(_config(), derive_seed("init", 0)).state_dict()
     # One Adam step moves every entry by at most ~lr from the shared start, and the two objectives move it differently.
     for name in init:
         assert (meta[name] - init[name]).abs().max() <= 1.01 * 5e-4
@@ -117,11 +119,11 @@ def test_config_errors_name_the_key(override, key):
 
 def test_inline_split_and_missing_split(tmp_path):
     inline = "split={kind: explicit, train_systems: [mass_spring], test_systems: [pendulum]}"
-    assert training.resolve_split(_config(inline)["split"]).train_systems == ("mass_spring",)
+    assert meta_config.resolve_split(_config(inline)["split"]).train_systems == ("mass_spring",)
     path = tmp_path / "no_split.yaml"
     path.write_text("train: {outer_steps: 2}\n")
     with pytest.raises(ConfigError, match="'split' is missing"):
-        training.load_meta_config(path)
+        meta_config.load_meta_config(path)
 
 
 def test_run_directory_rules(tmp_path):
