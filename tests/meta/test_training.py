@@ -68,6 +68,30 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
 
 
+def test_a_log_row_whose_window_spans_the_interruption_averages_all_its_steps(tmp_path, monkeypatch):
+    """One log row per 4 steps, a checkpoint after step 2, a kill in step 3: the resumed row at step 4 is the
+    mean of all four losses (the window of losses since the last row travels in the checkpoint)."""
+    sets = ("train.log_every=4", "train.validate_every=0", "train.pretrain=false")
+    training.train(_config(*sets), tmp_path / "full", progress=False)
+    calls = {"n": 0}
+    original = MAML.meta_loss
+
+    def interrupting(self, tasks):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, tasks)
+
+    monkeypatch.setattr(MAML, "meta_loss", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(_config(*sets), tmp_path / "cut", progress=False)
+    monkeypatch.setattr(MAML, "meta_loss", original)
+    resumed = training.train(_config(*sets), tmp_path / "cut", resume=True, progress=False)
+    full, cut = training.read_log(tmp_path / "full", "meta"), training.read_log(tmp_path / "cut", "meta")
+    assert [r["step"] for r in cut] == [4] and cut[0]["loss"] == full[0]["loss"]
+    assert resumed["meta"].final_loss == pytest.approx(full[0]["loss"])
+
+
 def test_checkpoint_is_a_plain_dict_with_everything_to_continue(tmp_path):
     training.train(_config("train.pretrain=false", "maml.meta_sgd=true"), tmp_path, progress=False)
     assert not (tmp_path / "pretrained.pt").exists()
