@@ -133,7 +133,7 @@ class _Learner:
         self.model = initial_model(config, derive_seed("init", settings["seed"])).to(run.device)
         self.learner = make_learner(kind, self.model, config).to(run.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=settings["lr"])
-        self.schedulers: list[Any] = []
+        self.schedulers: list[Any] = []  # no LR or sparsity schedule in meta-training
         self.start, self.seconds, self.last_loss = 0, 0.0, None
         self.window: list[float] = []  # outer losses since the last log row (checkpointed: the mean spans a resume)
         if resume and run.has(self.checkpoint):
