@@ -33,11 +33,8 @@ def _assert_same_state(a: dict, b: dict):
             assert torch.equal(value, b["optimizer"]["state"][slot][key]), (slot, key)
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
-    full = training.train(_config(), tmp_path / "full", progress=False)
-    assert full["meta"].steps == full["pretrained"].steps == 4
-
-    # Interrupt the meta-learner in its third outer step (after the step-2 checkpoint).
+def _train_killed_in_step_3(config, run_dir, monkeypatch):
+    """Train the meta-learner until a KeyboardInterrupt arrives inside its third outer loss."""
     calls = {"n": 0}
     original = MAML.meta_loss
 
@@ -49,8 +46,16 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MAML, "meta_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        training.train(_config(), tmp_path / "cut", progress=False)
+        training.train(config, run_dir, progress=False)
     monkeypatch.setattr(MAML, "meta_loss", original)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    full = training.train(_config(), tmp_path / "full", progress=False)
+    assert full["meta"].steps == full["pretrained"].steps == 4
+
+    # Interrupt the meta-learner in its third outer step (after the step-2 checkpoint).
+    _train_killed_in_step_3(_config(), tmp_path / "cut", monkeypatch)
     assert torch.load(tmp_path / "cut" / "meta.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "cut" / "pretrained.pt").exists()
 
@@ -73,19 +78,7 @@ def test_a_log_row_whose_window_spans_the_interruption_averages_all_its_steps(tm
     mean of all four losses (the window of losses since the last row travels in the checkpoint)."""
     sets = ("train.log_every=4", "train.validate_every=0", "train.pretrain=false")
     training.train(_config(*sets), tmp_path / "full", progress=False)
-    calls = {"n": 0}
-    original = MAML.meta_loss
-
-    def interrupting(self, tasks):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(self, tasks)
-
-    monkeypatch.setattr(MAML, "meta_loss", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(_config(*sets), tmp_path / "cut", progress=False)
-    monkeypatch.setattr(MAML, "meta_loss", original)
+    _train_killed_in_step_3(_config(*sets), tmp_path / "cut", monkeypatch)
     resumed = training.train(_config(*sets), tmp_path / "cut", resume=True, progress=False)
     full, cut = training.read_log(tmp_path / "full", "meta"), training.read_log(tmp_path / "cut", "meta")
     assert [r["step"] for r in cut] == [4] and cut[0]["loss"] == full[0]["loss"]
