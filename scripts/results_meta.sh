@@ -36,7 +36,7 @@ mkdir -p "$OUT/$BACKBONE"
 # Simulate (or find cached) the four systems' task pools once, before the parallel jobs would race for them.
 "$PYTHON" - "${overrides[@]}" <<'PY'
 import sys
-from metaham.meta.training import load_meta_config, task_config
+from metaham.meta.config import load_meta_config, task_config
 from tasks import TaskDistribution
 sets = [a for a in sys.argv[1:] if a != "--set"]
 config = load_meta_config("configs/meta_train_leave_pendulum.yaml", sets)

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's packages, also uninstalled
-from metaham.meta.training import differing_keys, load_meta_config  # noqa: E402
+from metaham.meta.config import RUN, load_meta_config  # noqa: E402
+from metaham.train.run import changed_keys  # noqa: E402
 
 SYSTEMS = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror")
 MODELS = ("meta", "pretrained", "random")
@@ -70,7 +71,7 @@ def _collect(root: Path) -> list[dict]:
                 continue
             config = load_meta_config(run_dir / "config.yaml")
             shipped = load_meta_config(Path("configs") / f"meta_train_leave_{system}.yaml")
-            deviations = [k for k in differing_keys(shipped, config) if k not in IGNORED]
+            deviations = [k for k in changed_keys(shipped, config, RUN.whole_keys) if k not in IGNORED]
             runs.append(
                 {
                     "backbone": backbone_dir.name,

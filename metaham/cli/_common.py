@@ -105,18 +105,15 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(spec: str):
-    """``auto`` -> cuda if available else cpu; a cuda request without a GPU is a usage error."""
-    import torch
+    """The device of ``--device`` (:func:`metaham.train.device.resolve_device`); a bad or unavailable one is a
+    usage error."""
+    from metaham.train import ConfigError
+    from metaham.train.device import resolve_device as engine_device
 
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {spec!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {spec}: CUDA is not available on this machine (use --device cpu or auto)")
-    return device
+        return engine_device(spec)
+    except ConfigError as exc:
+        raise UsageError(f"--{exc}") from None
 
 
 def parse_key_values(items: list[str], flag: str) -> dict[str, str]:

@@ -35,23 +35,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
-
     from metaham.meta import training
+    from metaham.meta.config import DEFAULT_CONFIG, load_meta_config, resolve_split
     from metaham.train import ConfigError
+    from metaham.train.config import CONFIG_FILE
 
     load_plugins(args.plugin)
     run_dir = Path(args.out)
     config_path = args.config
     if config_path is None:
-        saved = run_dir / training.CONFIG_FILE
-        config_path = saved if args.resume and saved.is_file() else training.DEFAULT_CONFIG
+        saved = run_dir / CONFIG_FILE
+        config_path = saved if args.resume and saved.is_file() else DEFAULT_CONFIG
     try:
-        config = training.load_meta_config(config_path, args.overrides)
+        config = load_meta_config(config_path, args.overrides)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
-    if config["threads"] > 0:
-        torch.set_num_threads(config["threads"])
     try:
         results = training.train(config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
     except ConfigError as exc:
@@ -59,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     except FloatingPointError as exc:  # a diverging run: say so plainly; the last checkpoint is kept
         eprint(f"metaham meta-train: error: {exc}")
         return 1
-    split = training.resolve_split(config["split"])
+    split = resolve_split(config["split"])
 
     rows = [
         [kind, f"{r.steps}/{r.outer_steps}", r.final_loss if r.final_loss is not None else "-",
@@ -77,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     )
     result = {
         "run_dir": str(run_dir),
-        "config": str(run_dir / training.CONFIG_FILE),
+        "config": str(run_dir / CONFIG_FILE),
         "split": split.name,
         "train_systems": list(split.train_systems),
         "test_systems": list(split.test_systems),

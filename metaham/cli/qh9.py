@@ -5,7 +5,7 @@ import argparse
 
 from metaham.atomic import check_output
 
-from ._common import UsageError, add_device_flag, add_json_flag, emit, positive, resolve_device, table
+from ._common import UsageError, add_device_flag, add_json_flag, emit, eprint, positive, resolve_device, table
 
 HELP = (
     "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines, "
@@ -345,8 +345,9 @@ def _add_model_commands(sub) -> None:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from metaham.qh9.train import CONFIG_FILE, DEFAULT_CONFIG, load_train_config, train
+    from metaham.qh9.train import DEFAULT_CONFIG, load_train_config, train
     from metaham.train import ConfigError
+    from metaham.train.config import CONFIG_FILE
 
     overrides = list(args.overrides)
     if args.data:
@@ -364,6 +365,9 @@ def _train(args: argparse.Namespace) -> int:
         result = train(config, args.out, resume=args.resume, trust_pickle=args.trust_pickle)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
+    except FloatingPointError as exc:  # a diverging run: say so plainly; last.pt keeps the last good step
+        eprint(f"metaham qh9 train: error: {exc}")
+        return 1
     kind = "dense twin" if config["model"]["dense"] else f"sparse model (phase {result['phase']})"
     summary = (
         f"{args.out}: {kind} trained for {result['epochs']} epochs, {result['steps']} steps, "
@@ -381,8 +385,7 @@ def _fmt(value) -> str:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from metaham.qh9.evaluate import save_predictions
-    from metaham.qh9.train import evaluate_checkpoint
+    from metaham.qh9.evaluate import evaluate_checkpoint, save_predictions
     from metaham.train import ConfigError
 
     device = resolve_device(args.device)

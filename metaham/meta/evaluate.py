@@ -44,7 +44,7 @@ from .adapt import adapt_tasks
 from .batching import to_meta_tasks
 from .losses import VectorFieldLoss
 from .metrics import energy_relative_error, geometric_mean, rollout_relative_error
-from .training import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, resolve_split, saved_config, task_config, task_loss
+from .config import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, resolve_split, saved_config, task_config, task_loss
 
 MODELS = ("meta", "pretrained", "random")
 REPORT_STEPS = (0, 1, 5, 10)

@@ -7,6 +7,8 @@ dataset in batches of PyG's ``DataLoader`` (inference mode: a trained model runs
 own dtype) and feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with
 one batched float64 call of :func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a
 time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other.
+:func:`load_model` reads a trained model back from a run of ``metaham qh9 train`` and
+:func:`evaluate_checkpoint` scores it on a part of the run's split.
 
 >>> from metaham.qh9.evaluate import evaluate_predictions
 >>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
@@ -18,7 +20,8 @@ from __future__ import annotations
 import io
 import os
 import sys
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -26,12 +29,14 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
-from metaham.train.checkpoint import atomic_write_bytes
+from metaham.train.checkpoint import atomic_write_bytes, load_checkpoint
 
 from .basis import ao_atom_index, n_occupied
+from .data import make_dataset, open_data, split_positions, split_scheme
 from .dataset import QH9Dataset, matrices
 from .formats import Record
 from .metrics import SUMMARY_NAMES, molecule_errors, summarize
+from .model import CHECKPOINT_FORMAT, QH9Model, build_model
 from .overlap import overlap
 
 Predictor = Callable[[Batch], Sequence[Tensor]]
@@ -160,3 +165,54 @@ def save_predictions(path: str | os.PathLike, predictions: dict[int, np.ndarray]
     buffer = io.BytesIO()
     np.savez(buffer, ids=ids, **{f"H_{i}": predictions[int(i)] for i in ids})
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tuple[QH9Model, dict[str, Any]]:
+    """The model of a checkpoint file, or of a run directory (its ``best.pt``, else ``last.pt``), in eval mode;
+    returns ``(model, checkpoint dict)``."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
+    state = load_checkpoint(path, map_location=device)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a metaham QH9 model checkpoint (from `metaham qh9 train`)")
+    model = build_model(state["model_config"])
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    data: str | Path | None = None,
+    part: str = "test",
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    keep_predictions: bool = False,
+    progress: bool = True,
+    trust_pickle: bool = False,
+) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
+    """QH9 metrics of a trained model on ``part`` of ``data`` (default: the training file), split as in training,
+    in batches of ``batch_size`` molecules (default: the run's ``train.eval_batch_size``).
+
+    Returns:
+        ``(summary, predictions)``: :func:`~metaham.qh9.metrics.summarize`'s keys plus ``part``,
+        ``split_by``, ``phase``, ``dense``, ``residual``; predictions ``{row_id: (norb, norb)}`` pyscf order
+        when ``keep_predictions``.
+    """
+    device = torch.device(device)
+    model, state = load_model(checkpoint, device)
+    config = state["config"]
+    data = config["data"]["file"] if data is None else data
+    batch_size = batch_size or config["train"]["eval_batch_size"]
+    with open_data(data, trust_pickle) as file:
+        positions = split_positions(file, {**config["data"], "max_train": 0, "max_val": 0}, part)
+        if not len(positions):
+            raise ValueError(f"{file.path}: the {part!r} part of the split is empty ({len(file)} rows in all)")
+        summary, predictions = evaluate_model(
+            model.predict, make_dataset(file, positions, model.residual), batch_size, device,
+            keep_predictions=keep_predictions, progress=progress,
+        )
+        scheme = split_scheme(file, config["data"])
+    summary.update(part=part, split_by=scheme, data=str(data), phase=model.sparsity.phase, dense=model.dense,
+                   residual=model.residual)
+    return summary, predictions

@@ -54,6 +54,8 @@ from .head import BlockHead
 from .orbitals import N_SLOTS, PADDED_IRREPS, assemble, decompose
 
 ELEMENTS = (1, 6, 7, 8, 9)  # H, C, N, O, F: the def2-SVP layout QH9 covers
+# The "format" of a checkpoint holding a QH9Model (written by `metaham qh9 train`, read by `metaham qh9 eval`).
+CHECKPOINT_FORMAT = "metaham-qh9-model"
 
 
 class QH9Model(nn.Module):
@@ -212,7 +214,7 @@ class QH9Model(nn.Module):
             rows = f"rows {torch.as_tensor(data.id).reshape(-1).tolist()}: " if "id" in data else ""
             raise ValueError(
                 f"{rows}this model learns H - H_init but the data has no H_init (MINAO-guess Fock); fill it "
-                "with metaham.qh9.train.with_initial_guess, pass it to metaham.qh9.dataset.molecule_data, or use "
+                "with metaham.qh9.data.with_initial_guess, pass it to metaham.qh9.dataset.molecule_data, or use "
                 "a file from `metaham qh9 generate`"
             )
         return matrices(data, "H_init")

@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from metaham.cli import main
-from metaham.meta.training import load_meta_config
+from metaham.meta.config import load_meta_config
 from metaham.qh9.train import DEFAULT_CONFIG, SCHEMA, load_train_config
 from metaham.train.config import ConfigError, load_config, resolve_config_path, shipped_config, shipped_configs_dir
 

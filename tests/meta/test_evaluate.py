@@ -7,6 +7,7 @@ import torch
 import systems
 from metaham.integrate import simulate
 from metaham.meta import training
+from metaham.meta.config import load_meta_config, task_config
 from metaham.meta.evaluate import _fresh_tasks, evaluate_adaptation, load_run
 from metaham.meta.metrics import energy_relative_error, geometric_mean, rollout_relative_error
 
@@ -62,7 +63,7 @@ def test_geometric_mean():
 
 def test_adaptation_comparison_on_a_tiny_run(tmp_path, monkeypatch):
     monkeypatch.setenv("METAHAM_CACHE", str(tmp_path / "cache"))
-    config = training.load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=0"])
+    config = load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=0"])
     training.train(config, tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run")
     report = evaluate_adaptation(run, "pendulum", shots=8, steps=6, n_tasks=2, seed=1, progress=False)
@@ -76,7 +77,7 @@ def test_adaptation_comparison_on_a_tiny_run(tmp_path, monkeypatch):
         assert 0 <= model["rollout_rel_err"] <= 1 and 0 <= model["energy_rel_err"] <= 1
         assert report.results[name].rollout_errors.shape == (2, 1)
     # Evaluation tasks are fresh parameter draws, even for a training system: none is in the training pool.
-    training_pool = run.split.train_distribution(training.task_config(config), seed=config["data_seed"]).sample(18, seed=0)
+    training_pool = run.split.train_distribution(task_config(config), seed=config["data_seed"]).sample(18, seed=0)
     seen = {(t.system, float(t.params["m"]), float(t.params["k"])) for t in training_pool if t.system == "mass_spring"}
     assert len(seen) == 6
     fresh = _fresh_tasks(run, "mass_spring", 8, 3, 0, None, False)

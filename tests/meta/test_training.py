@@ -6,7 +6,9 @@ import torch
 import yaml
 
 from metaham.meta import MAML, training
+from metaham.meta import config as meta_config
 from metaham.train import ConfigError
+from tasks.cache import derive_seed
 
 TINY = Path(__file__).with_name("tiny_meta_train.yaml")
 
@@ -18,7 +20,7 @@ def _task_cache(tmp_path_factory, monkeypatch):
 
 
 def _config(*overrides):
-    return training.load_meta_config(TINY, list(overrides))
+    return meta_config.load_meta_config(TINY, list(overrides))
 
 
 def _assert_same_state(a: dict, b: dict):
@@ -31,11 +33,8 @@ def _assert_same_state(a: dict, b: dict):
             assert torch.equal(value, b["optimizer"]["state"][slot][key]), (slot, key)
 
 
-def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
-    full = training.train(_config(), tmp_path / "full", progress=False)
-    assert full["meta"].steps == full["pretrained"].steps == 4
-
-    # Interrupt the meta-learner in its third outer step (after the step-2 checkpoint).
+def _train_killed_in_step_3(config, run_dir, monkeypatch):
+    """Train the meta-learner until a KeyboardInterrupt arrives inside its third outer loss."""
     calls = {"n": 0}
     original = MAML.meta_loss
 
@@ -47,15 +46,23 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MAML, "meta_loss", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        training.train(_config(), tmp_path / "cut", progress=False)
+        training.train(config, run_dir, progress=False)
     monkeypatch.setattr(MAML, "meta_loss", original)
+
+
+def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
+    full = training.train(_config(), tmp_path / "full", progress=False)
+    assert full["meta"].steps == full["pretrained"].steps == 4
+
+    # Interrupt the meta-learner in its third outer step (after the step-2 checkpoint).
+    _train_killed_in_step_3(_config(), tmp_path / "cut", monkeypatch)
     assert torch.load(tmp_path / "cut" / "meta.pt", weights_only=True)["step"] == 2
     assert not (tmp_path / "cut" / "pretrained.pt").exists()
 
     resumed = training.train(_config(), tmp_path / "cut", resume=True, progress=False)
     assert resumed["meta"].resumed_from == 2 and resumed["meta"].steps == 4
     assert resumed["pretrained"].resumed_from == 0
-    for kind in training.LEARNERS:
+    for kind in meta_config.LEARNERS:
         a = torch.load(tmp_path / "full" / f"{kind}.pt", weights_only=True)
         b = torch.load(tmp_path / "cut" / f"{kind}.pt", weights_only=True)
         _assert_same_state(a, b)
@@ -66,11 +73,23 @@ def test_interrupted_run_resumes_exactly(tmp_path, monkeypatch):
     assert [r["loss"] for r in cut_log] == [r["loss"] for r in full_log]
 
 
+def test_a_log_row_whose_window_spans_the_interruption_averages_all_its_steps(tmp_path, monkeypatch):
+    """One log row per 4 steps, a checkpoint after step 2, a kill in step 3: the resumed row at step 4 is the
+    mean of all four losses (the window of losses since the last row travels in the checkpoint)."""
+    sets = ("train.log_every=4", "train.validate_every=0", "train.pretrain=false")
+    training.train(_config(*sets), tmp_path / "full", progress=False)
+    _train_killed_in_step_3(_config(*sets), tmp_path / "cut", monkeypatch)
+    resumed = training.train(_config(*sets), tmp_path / "cut", resume=True, progress=False)
+    full, cut = training.read_log(tmp_path / "full", "meta"), training.read_log(tmp_path / "cut", "meta")
+    assert [r["step"] for r in cut] == [4] and cut[0]["loss"] == full[0]["loss"]
+    assert resumed["meta"].final_loss == pytest.approx(full[0]["loss"])
+
+
 def test_checkpoint_is_a_plain_dict_with_everything_to_continue(tmp_path):
     training.train(_config("train.pretrain=false", "maml.meta_sgd=true"), tmp_path, progress=False)
     assert not (tmp_path / "pretrained.pt").exists()
     state = torch.load(tmp_path / "meta.pt", weights_only=True)
-    assert state["format"] == training.CHECKPOINT_FORMAT and state["kind"] == "meta"
+    assert state["format"] == meta_config.CHECKPOINT_FORMAT and state["kind"] == "meta"
     assert state["step"] == state["outer_steps"] == 4
     assert set(state) >= {"model", "optimizer", "learner", "rng", "config", "split", "adapt", "model_config"}
     assert state["split"]["test_systems"] == ["pendulum"]
@@ -87,7 +106,7 @@ def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_object
     training.train(_config("train.outer_steps=1"), tmp_path, progress=False)
     meta = torch.load(tmp_path / "meta.pt", weights_only=True)["model"]
     pre = torch.load(tmp_path / "pretrained.pt", weights_only=True)["model"]
-    init = training.initial_model(_config(), training.derive_seed("init", 0)).state_dict()
+    init = meta_config.initial_model(_config(), derive_seed("init", 0)).state_dict()
     # One Adam step moves every entry by at most ~lr from the shared start, and the two objectives move it differently.
     for name in init:
         assert (meta[name] - init[name]).abs().max() <= 1.01 * 5e-4
@@ -117,11 +136,11 @@ def test_config_errors_name_the_key(override, key):
 
 def test_inline_split_and_missing_split(tmp_path):
     inline = "split={kind: explicit, train_systems: [mass_spring], test_systems: [pendulum]}"
-    assert training.resolve_split(_config(inline)["split"]).train_systems == ("mass_spring",)
+    assert meta_config.resolve_split(_config(inline)["split"]).train_systems == ("mass_spring",)
     path = tmp_path / "no_split.yaml"
     path.write_text("train: {outer_steps: 2}\n")
     with pytest.raises(ConfigError, match="'split' is missing"):
-        training.load_meta_config(path)
+        meta_config.load_meta_config(path)
 
 
 def test_run_directory_rules(tmp_path):

@@ -10,7 +10,7 @@ from metaham.qh9.basis import n_orbitals
 from metaham.qh9.dataset import QH9Dataset, matrices, molecule_data
 from metaham.qh9.formats import open_qh9
 from metaham.qh9.model import QH9Model
-from metaham.qh9.train import with_initial_guess
+from metaham.qh9.data import with_initial_guess
 
 TINY = dict(node_irreps="8x0e+4x1o+4x2e", layers=1, lmax_sh=2, radial_hidden=8, pair_channels=4, head_mul=2,
             head_hidden=8)
