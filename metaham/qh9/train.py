@@ -204,9 +204,8 @@ def train(
         ``{"run_dir", "epochs", "steps", "best_epoch", "best_val_h_mae_ueh", "initial_val_h_mae_ueh",
         "last_val_h_mae_ueh", "seconds", "stopped", "phase", "n_train", "n_val", "statistics"}``.
     """
-    run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume)
-    config, settings = run.config, run.config["train"]
     with open_data(config["data"]["file"], trust_pickle) as file:
+        # The data are checked before the run directory is touched: a refused file leaves nothing behind.
         # A residual model needs each molecule's H_init: where the file has none, pyscf computes it as a row is first read.
         residual = config["model"]["residual"]
         train_set = make_dataset(file, split_positions(file, config["data"], "train"), residual)
@@ -216,6 +215,8 @@ def train(
                 f"{file.path}: the {config['data']['split_by']} split leaves {len(train_set)} training and "
                 f"{len(val_set)} validation rows; both must be non-empty (use more rows, or data.split_by=stable-id)"
             )
+        run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume)
+        config, settings = run.config, run.config["train"]
         job = _Epochs(run, train_set, list(batches(val_set, settings["eval_batch_size"])), resume)
         try:
             outcome = run_loop(job, job.loop_settings(progress), start_step=job.progress["step"],

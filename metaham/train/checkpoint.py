@@ -12,7 +12,9 @@ run draws the same numbers as one that never stopped.
 from __future__ import annotations
 
 import io
+import pickle
 import random
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -20,6 +22,7 @@ import numpy as np
 import torch
 
 from metaham.atomic import atomic_write_bytes
+from metaham.errors import UserError
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
@@ -29,17 +32,31 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+class CheckpointError(UserError, ValueError):
+    """A checkpoint file that cannot be used: truncated, foreign, or holding objects a plain checkpoint never
+    holds (refused, not unpickled). The message names the file."""
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint`; errors name the file."""
+    """Load a checkpoint written by :func:`save_checkpoint`; a missing file is a ``FileNotFoundError``, any
+    other problem a :class:`CheckpointError`, each naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols before refusing a foreign file
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path}: refused: it holds Python objects that a metaham checkpoint never holds (not unpickled)"
+        ) from exc
     except Exception as exc:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{path}: not a readable metaham checkpoint ({type(exc).__name__}: {exc})") from exc
+        # torch's messages run to paragraphs; the first sentence says what failed.
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        raise CheckpointError(f"{path}: not a readable metaham checkpoint, truncated or foreign ({first_line})") from exc
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: not a metaham checkpoint (expected a dict, found {type(obj).__name__})")
+        raise CheckpointError(f"{path}: not a metaham checkpoint (expected a dict, found {type(obj).__name__})")
     return obj
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import yaml
 
-from metaham.atomic import atomic_write_bytes
+from metaham.atomic import atomic_write_bytes, check_output
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, ConfigError, load_saved_config
@@ -113,6 +113,7 @@ def start_run(
     (``config["threads"]``) and resolve the device (``config["device"]``); :class:`ConfigError` says what
     is wrong."""
     path = Path(run_dir)
+    check_output(path, "--out", folder=True)
     if resume:
         _check_resumable(path, config, spec)
     else:
@@ -124,9 +125,12 @@ def start_run(
             )
     device = resolve_device(config["device"])
     set_threads(config["threads"])
-    if world.is_main:
+    text = yaml.safe_dump(config, sort_keys=False).encode()
+    saved = path / CONFIG_FILE
+    # On resume the file changes only where a resumable key did: an unchanged run directory stays untouched.
+    if world.is_main and not (resume and saved.is_file() and saved.read_bytes() == text):
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False).encode())
+        atomic_write_bytes(saved, text)
     return Run(path, spec, config, device, world)
 
 

@@ -58,7 +58,11 @@ CASES = [
      "'train.outer_steps' must be int"),
     (["meta-train", "--config", TINY_META, "--set", "split=nosuch_split", "--out", "{tmp}/r"], "nosuch_split"),
     (["meta-train", "--config", TINY_META, "--set", "model.backbone=nosuch", "--out", "{tmp}/r"], "nosuch"),
+    (["meta-train", "--config", TINY_META, "--out", "{tmp}/a_file"], "--out {tmp}/a_file: is a file; expected a folder"),
+    (["meta-train", "--resume", "--out", "{tmp}/run_truncated"], "meta.pt: not a readable metaham checkpoint"),
+    (["meta-train", "--resume", "--out", "{tmp}/run_malicious"], "meta.pt: refused"),
     # qh9
+    (["qh9", "train", "--data", "{tmp}/not_a_db.db", "--out", "{tmp}/new_run"], "not_a_db.db: not a QH9 file"),
     (["qh9", "info", "{tmp}/missing.db"], "missing.db: no such file"),
     (["qh9", "info", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
@@ -123,7 +127,27 @@ def hostile_files(tmp_path_factory) -> Path:
         mp.setenv("METAHAM_CACHE", str(tmp / "cache"))
         assert main(["meta-train", "--config", TINY_META, "--out", str(tmp / "run"), "--no-progress",
                      "--set", "train.outer_steps=1", "--set", "train.validate_every=0"]) == 0
+    _damaged_checkpoints(tmp)
     return tmp
+
+
+class _RunsCode:
+    """Pickled, this makes the unpickler call ``os.system``: what a malicious checkpoint holds."""
+
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+def _damaged_checkpoints(tmp: Path) -> None:
+    """Copies of the tiny run whose meta.pt is cut short, and one whose meta.pt would run code if unpickled."""
+    import pickle
+    import shutil
+
+    for name in ("run_truncated", "run_malicious"):
+        shutil.copytree(tmp / "run", tmp / name)
+    good = (tmp / "run" / "meta.pt").read_bytes()
+    (tmp / "run_truncated" / "meta.pt").write_bytes(good[: len(good) // 2])
+    (tmp / "run_malicious" / "meta.pt").write_bytes(pickle.dumps({"model": _RunsCode()}))
 
 
 def _damaged_qh9_files(tmp: Path) -> None:
