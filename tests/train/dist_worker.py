@@ -94,8 +94,8 @@ def main() -> None:
         result = {"world": [world.rank, world.size, world.local_rank, world.backend],
                   "initialized": torch.distributed.is_initialized()}
     elif scenario in ("exit", "stall"):
-        world = init_world("cpu", timeout_s=float(os.environ.get("TEST_TIMEOUT_S", 20)))
-        result = peer_lost(world, scenario)
+        with open_world("cpu", timeout_s=float(os.environ["TEST_TIMEOUT_S"])) as world:  # closes after a failure too
+            result = peer_lost(world, scenario)
     else:
         with open_world("cpu", timeout_s=30) as world:
             result = collectives(world) if scenario == "collectives" else {"world": [world.rank, world.size]}

@@ -124,7 +124,7 @@ def test_two_gloo_ranks_collectives_and_ddp_match_one_process(tmp_path):
 
 
 def test_a_rank_that_exits_makes_the_other_raise_rank_failure_at_once(tmp_path):
-    code, text, ranks = run_ranks("exit", tmp_path)
+    code, text, ranks = run_ranks("exit", tmp_path, TEST_TIMEOUT_S="20")
     assert code != 0 and list(ranks) == [0], text
     seen = ranks[0]
     assert seen["type"] == "RankFailure" and seen["error"].startswith("rank 0 of 2: all_reduce failed"), seen
