@@ -78,6 +78,7 @@ class World:
 
 
 SINGLE_PROCESS = World(rank=0, size=1, local_rank=0, backend=None)
+_opened: World | None = None  # the world init_world set up: torch keeps no public record of the group's timeout
 
 
 def _timeout_s(timeout_s: float | None) -> float:
@@ -101,6 +102,8 @@ def current_world() -> World:
     command, e.g. :func:`metaham.qh9.evaluate.evaluate_model`, can shard over the ranks its command set up."""
     if not (dist.is_available() and dist.is_initialized()):
         return SINGLE_PROCESS
+    if _opened is not None:
+        return _opened
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
 
 
@@ -130,13 +133,17 @@ def init_world(device: torch.device | str, timeout_s: float | None = None, force
     world = World(int(env["RANK"]), size, local_rank, backend, timeout)
     with collective("init_process_group", world):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+    global _opened
+    _opened = world
     return world
 
 
 def close_world(world: World) -> None:
     """Leave the process group (safe for a single process, and after a :class:`RankFailure`)."""
+    global _opened
     if world.backend is not None and dist.is_initialized():
         dist.destroy_process_group()
+        _opened = None
 
 
 @contextlib.contextmanager

@@ -109,7 +109,7 @@ def test_two_gloo_ranks_collectives_and_ddp_match_one_process(tmp_path):
     model, x, y = regression_problem()
     alone = sgd(model, x, y)
     for rank, seen in ranks.items():
-        assert seen["world"] == [rank, 2, rank, "gloo"] and seen["current"] == seen["world"]
+        assert seen["world"] == [rank, 2, rank, "gloo", 30.0] and seen["current"] == seen["world"]
         assert seen["shards"] == {"0": [0, 0], "1": [0, 1] if rank == 0 else [1, 1], "5": [[0, 3], [3, 5]][rank],
                                   "7": [[0, 4], [4, 7]][rank], "8": [[0, 4], [4, 8]][rank]}
         assert seen["mean"] == [[[1.5] * 3] * 2, [1.0]]  # (1 + 2) / 2 and (0 + 2) / 2 are exact
