@@ -6,7 +6,9 @@ and returns one ``(norb_b, norb_b)`` matrix per molecule in pyscf order; :func:`
 dataset in batches of PyG's ``DataLoader`` (inference mode: a trained model runs its batched forward pass in its
 own dtype) and feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with
 one batched float64 call of :func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a
-time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other.
+time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other. Under ``torchrun``
+(:mod:`metaham.train.distributed`) :func:`evaluate_model` shares the batches among the ranks and joins their
+per-molecule errors, so the summary is the one a single process computes.
 
 >>> from metaham.qh9.evaluate import evaluate_predictions
 >>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
@@ -139,7 +141,8 @@ def evaluate_model(
         batch_size: molecules per ``predict`` call.
         device: where batches, predictions and eigenproblems live (default CPU).
         keep_predictions: also return the predicted matrices (float64, CPU) by row id.
-        world: the ranks to share the work with (pass ``SINGLE_PROCESS`` to score everything here alone).
+        world: the ranks to share the work with (pass :data:`~metaham.train.distributed.SINGLE_PROCESS` to
+            score everything here alone).
 
     Returns:
         ``(summary, predictions)``: the metrics (see :func:`~metaham.qh9.metrics.summarize`), the same on every
