@@ -69,8 +69,7 @@ class World:
 
     def device_for(self, device: torch.device | str) -> torch.device:
         """The device this rank uses for a resolved ``device``: a bare ``cuda`` means ``cuda:local_rank`` (one GPU
-        per rank); ``cpu`` and an explicit ``cuda:N`` stay. Resolve ``auto`` first
-        (:func:`metaham.cli._common.resolve_device`)."""
+        per rank); ``cpu`` and an explicit ``cuda:N`` stay. ``auto`` is resolved before, by whoever parses it."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
             return torch.device("cuda", self.local_rank)
