@@ -23,6 +23,7 @@ EXAMPLES = """
   metaham qh9 train --data g2.db --out runs/dense --set model.dense=true --set train.epochs=10
   metaham qh9 train --out runs/sparse --resume
   metaham qh9 eval --checkpoint runs/sparse --split test --save-predictions pred.npz --json
+  torchrun --standalone --nproc_per_node 4 -m metaham qh9 eval --checkpoint runs/sparse --split all
 """
 
 
@@ -387,18 +388,26 @@ def _fmt(value) -> str:
 def _eval(args: argparse.Namespace) -> int:
     from metaham.qh9.evaluate import evaluate_checkpoint, save_predictions
     from metaham.train import ConfigError
+    from metaham.train.distributed import open_world
 
     device = resolve_device(args.device)
+    # Under torchrun every rank scores its share of the molecules (evaluate_model shards over the world opened
+    # here); rank 0 alone gets the predictions, prints and writes.
     try:
-        summary, predictions = evaluate_checkpoint(
-            args.checkpoint, args.data, args.split, device, args.batch_size,
-            keep_predictions=bool(args.save_predictions), trust_pickle=args.trust_pickle,
-        )
-    except (ConfigError, ValueError) as exc:
+        with open_world(device) as world:
+            summary, predictions = evaluate_checkpoint(
+                args.checkpoint, args.data, args.split, world.device_for(device), args.batch_size,
+                keep_predictions=bool(args.save_predictions), trust_pickle=args.trust_pickle,
+            )
+    except (ConfigError, ValueError) as exc:  # ValueError also: a bad METAHAM_DIST_TIMEOUT
         raise UsageError(str(exc)) from exc
+    if not world.is_main:
+        return 0
     if args.save_predictions:
         save_predictions(args.save_predictions, predictions)
-    result = {"checkpoint": args.checkpoint, **summary, "predictions": args.save_predictions}
+    result = {
+        "checkpoint": args.checkpoint, **summary, "predictions": args.save_predictions, "world_size": world.size,
+    }
     s = summary
     rows = [[
         "dense twin" if s["dense"] else f"sparse ({s['phase']})", s["n"], s["h_mae_ueh"], s["h_diag_mae_ueh"],
@@ -406,8 +415,10 @@ def _eval(args: argparse.Namespace) -> int:
         s["gap_mae_ueh"],
     ]]
     header = ["model", "n", "H uEh", "H diag", "H off", "eps uEh", "psi %", "HOMO", "LUMO", "gap"]
+    ranks = f" on {world.size} ranks" if world.distributed else ""
     text = (
-        f"{s['data']}: {s['part']} part of the {s['split_by']} split; errors in micro-Hartree, orbital cosine in %\n"
+        f"{s['data']}: {s['part']} part of the {s['split_by']} split{ranks}; errors in micro-Hartree, orbital "
+        "cosine in %\n"
         + table(rows, header)
         + (f"\npredictions written to {args.save_predictions}" if args.save_predictions else "")
     )

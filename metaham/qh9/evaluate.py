@@ -6,9 +6,11 @@ and returns one ``(norb_b, norb_b)`` matrix per molecule in pyscf order; :func:`
 dataset in batches of PyG's ``DataLoader`` (inference mode: a trained model runs its batched forward pass in its
 own dtype) and feeds an :class:`Evaluator`, which buffers molecules by AO count and scores each full group with
 one batched float64 call of :func:`~metaham.qh9.metrics.molecule_errors`. QH9's own test runs one molecule at a
-time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other.
-:func:`load_model` reads a trained model back from a run of ``metaham qh9 train`` and
-:func:`evaluate_checkpoint` scores it on a part of the run's split.
+time in float64; ``metaham bench qh9 --part eval`` times the two routes against each other. Under ``torchrun``
+(:mod:`metaham.train.distributed`) :func:`evaluate_model` shares the batches among the ranks and joins their
+per-molecule errors, so the summary is the one a single process computes. :func:`load_model` reads a trained
+model back from a run of ``metaham qh9 train`` and :func:`evaluate_checkpoint` scores it on a part of the run's
+split.
 
 >>> from metaham.qh9.evaluate import evaluate_predictions
 >>> summary = evaluate_predictions(records, [r.H for r in records])  # doctest: +SKIP
@@ -30,6 +32,7 @@ from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
 from metaham.train.checkpoint import atomic_write_bytes, load_checkpoint
+from metaham.train.distributed import World, all_gather_objects, current_world, gather_objects, shard_slice
 
 from .basis import ao_atom_index, n_occupied
 from .data import make_dataset, open_data, split_positions, split_scheme
@@ -94,16 +97,20 @@ class Evaluator:
         """``{"id": (n,), <error>: (n,)}`` in Hartree (``psi_cos`` a fraction), ordered by row id."""
         for norb in list(self._pending):
             self._score(self._pending.pop(norb))
-        ids = np.asarray(self._ids, dtype=np.int64)
-        order = np.argsort(ids, kind="stable")
-        out = {"id": ids[order]}
-        for key, parts in self._errors.items():
-            out[key] = np.concatenate(parts)[order] if parts else np.zeros(0)
-        return out
+        parts = {"id": [np.asarray(self._ids, dtype=np.int64)], **self._errors}
+        return by_row_id(parts)
 
     def summary(self) -> dict[str, float]:
         """Means over all molecules added so far: ``n``, ``h_mae_ueh``, ..., ``psi_cos_pct`` (see metrics)."""
         return summarize(self.per_molecule())
+
+
+def by_row_id(parts: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
+    """Join per-molecule columns given in pieces (``parts["id"]`` the row ids) and order them by row id: the one
+    order every summary is computed in, however the molecules were grouped, batched or spread over ranks."""
+    ids = np.concatenate(parts["id"]) if parts["id"] else np.zeros(0, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    return {key: np.concatenate(pieces)[order] if pieces else np.zeros(0) for key, pieces in parts.items()}
 
 
 def evaluate_predictions(
@@ -123,8 +130,15 @@ def evaluate_model(
     keep_predictions: bool = False,
     progress: bool = True,
     num_workers: int = 0,
+    world: World | None = None,
 ) -> tuple[dict[str, float], dict[int, np.ndarray]]:
-    """Run ``predict`` over ``dataset`` in batches and score every prediction.
+    """Run ``predict`` over ``dataset`` in batches and score every prediction, sharded over ranks.
+
+    With several ranks (``world``; default :func:`~metaham.train.distributed.current_world`, i.e. the ranks a
+    ``torchrun`` command set up, else this process alone) every rank must call this: rank ``k`` predicts and
+    scores its contiguous share of the batches (the same batches one process forms, so no molecule's prediction
+    depends on the number of ranks), and the per-molecule errors of all ranks are joined in row-id order before
+    averaging, so the summary is the one a single process computes.
 
     Args:
         predict: ``predict(batch) -> list of (norb_b, norb_b) tensors`` (pyscf order), batch on ``device``.
@@ -132,19 +146,25 @@ def evaluate_model(
         batch_size: molecules per ``predict`` call.
         device: where batches, predictions and eigenproblems live (default CPU).
         keep_predictions: also return the predicted matrices (float64, CPU) by row id.
+        world: the ranks to share the work with (pass :data:`~metaham.train.distributed.SINGLE_PROCESS` to
+            score everything here alone).
 
     Returns:
-        ``(summary, predictions)``: the metrics (see :func:`~metaham.qh9.metrics.summarize`) and
-        ``{row_id: matrix}`` (empty unless ``keep_predictions``).
+        ``(summary, predictions)``: the metrics (see :func:`~metaham.qh9.metrics.summarize`), the same on every
+        rank, and ``{row_id: matrix}`` of all ranks on rank 0 (empty elsewhere, and unless ``keep_predictions``).
     """
     from tqdm import tqdm
 
+    world = current_world() if world is None else world
     device = torch.device(device or "cpu")
     evaluator = Evaluator(device)
     kept: dict[int, np.ndarray] = {}
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+    batches = shard_slice(-(-len(dataset) // batch_size), world)
+    mine = dataset[batches.start * batch_size : batches.stop * batch_size]
+    loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
+    hide = not (progress and world.is_main)
     with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
-        for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=not progress):
+        for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=hide):
             batch = batch.to(device)
             predictions = list(predict(batch))
             if len(predictions) != batch.num_graphs:
@@ -155,7 +175,11 @@ def evaluate_model(
                 evaluator.add(row_id, batch.z[lo:hi].cpu().numpy(), batch.pos[lo:hi].cpu().numpy(), H_true, H_pred)
                 if keep_predictions:
                     kept[row_id] = H_pred.detach().to("cpu", torch.float64).numpy()
-    return evaluator.summary(), kept
+    shards = all_gather_objects(evaluator.per_molecule(), world)
+    summary = summarize(by_row_id({key: [shard[key] for shard in shards] for key in shards[0]}))
+    if keep_predictions:
+        kept = {row_id: H for part in gather_objects(kept, world) or [] for row_id, H in part.items()}
+    return summary, kept
 
 
 def save_predictions(path: str | os.PathLike, predictions: dict[int, np.ndarray]) -> None:
