@@ -5,7 +5,7 @@
 * :mod:`~metaham.train.checkpoint` -- atomic ``weights_only`` checkpoints; building and restoring their state.
 * :mod:`~metaham.train.log` -- the CSV log with its TensorBoard mirror; :func:`read_log`.
 * :mod:`~metaham.train.device` -- device and thread selection.
-* :mod:`~metaham.train.world` -- the processes of a run (one, unless a launcher says otherwise).
+* :mod:`~metaham.train.distributed` -- the processes of a run (one, or the ranks torchrun started) and their collectives.
 * :mod:`~metaham.train.loop` -- the step loop: optimizer step, progress bar, checkpoints, clock, exact resume.
 """
 from .checkpoint import atomic_write_bytes, load_checkpoint, save_checkpoint

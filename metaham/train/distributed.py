@@ -32,7 +32,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -50,12 +50,14 @@ class RankFailure(RuntimeError):
 @dataclass(frozen=True)
 class World:
     """This process's place among the ranks: ``rank`` of ``size``, ``local_rank`` on its node, and the
-    process-group ``backend`` (``None`` for a single process, when nothing is initialised)."""
+    process-group ``backend`` (``None`` for a single process, when nothing is initialised). The training engine
+    asks it two things: :attr:`is_main` before every write into a run directory (config, checkpoints, logs),
+    so that N ranks never race on one file, and :meth:`average_gradients` before each optimizer step."""
 
     rank: int
     size: int
-    local_rank: int
-    backend: str | None
+    local_rank: int = 0
+    backend: str | None = None
     timeout_s: float | None = None
 
     @property
@@ -66,6 +68,12 @@ class World:
     @property
     def distributed(self) -> bool:
         return self.size > 1
+
+    def average_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
+        """Make each parameter's ``.grad`` the mean over the ranks (the training engine calls this between
+        ``backward()`` and the optimizer step; one process already holds the mean). A model wrapped by
+        :func:`wrap_ddp` has its gradients averaged during ``backward()`` and must not come here."""
+        all_reduce_mean_([p.grad for p in parameters], self)
 
     def device_for(self, device: torch.device | str) -> torch.device:
         """The device this rank uses for a resolved ``device``: a bare ``cuda`` means ``cuda:local_rank`` (one GPU

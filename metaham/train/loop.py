@@ -18,7 +18,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .world import SINGLE_PROCESS, World
+from .distributed import SINGLE_PROCESS, World
 
 
 class Clock:

@@ -4,7 +4,7 @@ A training command describes its run directories once, as a :class:`RunSpec`; :f
 directory against ``--resume`` (a fresh run needs one without checkpoints; a resumed one may change only the
 keys the spec declares resumable, and the error lists every other key that changed), saves ``config.yaml``
 atomically, sets the thread count and resolves the device. The :class:`Run` it returns is the only writer of
-checkpoints and logs, and writes only where its :class:`~metaham.train.world.World` says this process is
+checkpoints and logs, and writes only where its :class:`~metaham.train.distributed.World` says this process is
 the main one.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import CONFIG_FILE, ConfigError, load_saved_config
 from .device import resolve_device, set_threads
 from .log import CsvLog
-from .world import SINGLE_PROCESS, World
+from .distributed import SINGLE_PROCESS, World
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from metaham.train.device import resolve_device, set_threads
 from metaham.train.log import CsvLog, read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
 from metaham.train.run import RunSpec, changed_keys, start_run
-from metaham.train.world import World
+from metaham.train.distributed import World
 
 SCHEMA = {"model": {"width": 4, "split": None}, "train": {"steps": 3, "lr": 0.1}, "device": "cpu", "threads": 0}
 SPEC = RunSpec(command="test train", schema=SCHEMA, validate=lambda config, source: None, checkpoint_format="test",
@@ -165,7 +165,7 @@ def test_loop_stops_on_the_clock_and_the_world_sees_gradients_before_the_update(
     assert (outcome.steps, outcome.stopped, job.saved) == (1, "max_minutes", [1]) and outcome.seconds >= 5.0
     plain, halved = _Job(total=1), _Job(total=1)
     run_loop(plain, LoopSettings(total_steps=1, progress=False))
-    run_loop(halved, LoopSettings(total_steps=1, progress=False), world=_Averaging())
+    run_loop(halved, LoopSettings(total_steps=1, progress=False), world=_Averaging(rank=0, size=1))
     assert torch.equal(halved.weight.detach(), plain.weight.detach() / 2)
     assert Clock(0.0).expired() is False
 
