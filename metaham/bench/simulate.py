@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         flag = "" if entry["target_met"] else " !"
         rows.append([
             system.name, f"{entry['ours_tol']:g}", f"{entry['ours_max_error']:.1e}", f"{entry['ours_time_s']:.3f}",
-            *(f"{m['time_s']:.2f} ({m['tol']:g})" for m in entry["scipy"].values()),
+            *(f"{m['time_s']:.2f} ({m['tol']:g}{', missed' if name in entry['scipy_missed_target'] else ''})"
+              for name, m in entry["scipy"].items()),
             entry["fastest_scipy_method"], f"{entry['speedup_vs_fastest']:.1f}x{flag}",
         ])
         eprint(f"  {system.name}: {entry['speedup_vs_fastest']:.1f}x vs {entry['fastest_scipy_method']}")
@@ -103,6 +104,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         + f"\nspeedup_min {speedup_min:.1f}x against the fastest scipy method per system "
         f"(target >= 20: {'met' if speedup_min >= 20 else 'NOT met'})"
         + (f"\n! a side missed the accuracy target {args.target:g}" if missed else "")
+        + ("\n'missed': that method did not reach the target even at tolerance 1e-12; it is not counted as fastest"
+           if any(e["scipy_missed_target"] for e in entries.values()) else "")
     )
     result = {
         "n_traj": args.n_traj, "n_points": args.n_points, "t_end": args.t_end, "target": args.target,
@@ -144,12 +147,16 @@ def _bench_system(system, args, interleaved_median_times) -> dict:
             "speedup": times[m] * args.n_traj / n_scipy / times["ours"]}
         for m, (tol, err) in settings.items()
     }
-    fastest = min(scipy, key=lambda m: scipy[m]["time_s"])
+    # A method that misses the accuracy target even at the ladder's tightest tolerance is no fair baseline (it is
+    # fast because it is inaccurate): it stays in the table, but the speed-up is against the accurate ones.
+    accurate = [m for m in scipy if scipy[m]["max_error"] <= args.target] or list(scipy)
+    fastest = min(accurate, key=lambda m: scipy[m]["time_s"])
     return {
         "ours_method": "dop853", "ours_tol": ours_tol, "ours_max_error": ours_err, "ours_time_s": times["ours"],
         "scipy": scipy, "scipy_traj": n_scipy, "fastest_scipy_method": fastest,
         "speedup_vs_fastest": scipy[fastest]["speedup"],
-        "target_met": max(ours_err, *(m["max_error"] for m in scipy.values())) <= args.target,
+        "target_met": max(ours_err, scipy[fastest]["max_error"]) <= args.target,
+        "scipy_missed_target": [m for m in scipy if scipy[m]["max_error"] > args.target],
         "reference_tol": _REFERENCE_TOL,
         "reference_check": reference_check,
     }
