@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from metaham.atomic import check_output
+
 from ._common import (
     UsageError, add_device_flag, add_json_flag, add_plugin_flag, emit, get_system, load_plugins, positive,
     resolve_device, table,
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     if args.plot is not None and Path(args.plot).suffix.lower() not in (".png", ".pdf", ".svg"):
         raise UsageError(f"--plot {args.plot}: give a .png, .pdf or .svg file name")
+    if args.plot is not None:
+        check_output(args.plot, "--plot")
     if not Path(args.checkpoint).is_dir():
         raise UsageError(f"--checkpoint {args.checkpoint}: no such run directory")
     try:

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from metaham.atomic import check_output
+
 from ._common import UsageError, add_json_flag, emit, table
 
 HELP = "run the main job on built-in defaults: simulate every system, meta-train and adapt, a small QH9 run"
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown or not parts:
         raise UsageError(f"--only {args.only!r}: unknown part(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(PARTS)}")
     out = Path(args.out)
+    check_output(out, "--out", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summaries, result = [], {"out": str(out)}

@@ -391,6 +391,8 @@ def _eval(args: argparse.Namespace) -> int:
     from metaham.train.distributed import open_world
 
     device = resolve_device(args.device)
+    if args.save_predictions:
+        check_output(args.save_predictions, "--save-predictions")
     # Under torchrun every rank scores its share of the molecules (evaluate_model shards over the world opened
     # here); rank 0 alone gets the predictions, prints and writes.
     try:
