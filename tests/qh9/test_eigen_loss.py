@@ -1,0 +1,100 @@
+"""The eigen-aware loss: zero at the truth, right gradients, invariant where it must be, and it sees what the
+metrics see (orbital energies to first order, spurious low eigenvalues)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from metaham.qh9.basis import n_occupied, n_orbitals
+from metaham.qh9.eigen_loss import eigen_loss, true_eigenbasis
+from metaham.qh9.orbitals import wigner_D
+
+Z = np.array([8, 1, 1])  # water's def2-SVP layout: 24 AOs, 5 occupied orbitals
+
+
+def _problem(seed: int = 0):
+    """A symmetric 'Fock' matrix and an SPD 'overlap' of water's size (the loss is pure linear algebra)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_orbitals(Z)
+    A = torch.randn(n, n, generator=g, dtype=torch.float64)
+    S = torch.eye(n, dtype=torch.float64) + 0.1 * (A @ A.T) / n
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    H = 0.5 * (B + B.T) + torch.diag(torch.linspace(-20.0, 5.0, n, dtype=torch.float64))
+    return H, S, n_occupied(Z)
+
+
+def test_zero_at_the_truth_and_positive_elsewhere():
+    H, S, nocc = _problem()
+    basis = true_eigenbasis(H, S, nocc)
+    torch.testing.assert_close(basis.C.T @ S @ basis.C, torch.eye(len(H), dtype=torch.float64))
+    alignment, hinge = eigen_loss(H, basis)
+    assert float(alignment) < 1e-24 and float(hinge) == 0.0
+    alignment, _ = eigen_loss(H + 1e-3 * torch.eye(len(H), dtype=torch.float64), basis)
+    assert float(alignment) > 0
+
+
+def test_gradient_matches_finite_differences():
+    H, S, nocc = _problem(1)
+    basis = true_eigenbasis(H, S, nocc)
+    g = torch.Generator().manual_seed(2)
+    P = H + 0.5 * torch.randn(H.shape, generator=g, dtype=torch.float64)
+    P[-1, -1] = float(basis.midgap) - 3.0  # a virtual direction below the gap: the hinge is active too
+    P.requires_grad_(True)
+    torch.autograd.gradcheck(lambda x: torch.stack(eigen_loss(x, basis, scale=0.7)), (P,), eps=1e-6, atol=1e-6)
+
+
+def test_first_order_orbital_energies_are_the_diagonal_in_the_true_basis():
+    """eps_pred_i = M_ii + O(|dH|^2): the alignment term's diagonal is the orbital-energy error to first order."""
+    H, S, nocc = _problem(3)
+    basis = true_eigenbasis(H, S, nocc)
+    g = torch.Generator().manual_seed(4)
+    dH = torch.randn(H.shape, generator=g, dtype=torch.float64)
+    dH = 0.5 * (dH + dH.T)
+    for size in (1e-3, 1e-4):
+        predicted = true_eigenbasis(H + size * dH, S, nocc).eps
+        M = basis.C.T @ (H + size * dH) @ basis.C
+        error = (predicted[:nocc] - M.diagonal()[:nocc]).abs().max()
+        assert error < 50 * size**2  # second order: 100x smaller for a 10x smaller perturbation
+
+
+def test_invariant_under_rotating_the_molecule():
+    H, S, nocc = _problem(5)
+    g = torch.Generator().manual_seed(6)
+    P = H + 0.1 * torch.randn(H.shape, generator=g, dtype=torch.float64)
+    angle = 0.9
+    R = torch.tensor([[math.cos(angle), -math.sin(angle), 0.0], [math.sin(angle), math.cos(angle), 0.0],
+                      [0.0, 0.0, 1.0]], dtype=torch.float64)
+    D = wigner_D(Z, R)
+    here = eigen_loss(P, true_eigenbasis(H, S, nocc), scale=0.3)
+    rotated = eigen_loss(D @ P @ D.T, true_eigenbasis(D @ H @ D.T, D @ S @ D.T, nocc), scale=0.3)
+    for a, b in zip(here, rotated):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
+
+
+def test_the_hinge_sees_a_spurious_low_eigenvalue_and_its_gradient_lifts_it():
+    H, S, nocc = _problem(7)
+    basis = true_eigenbasis(H, S, nocc)
+    # Lower one true virtual orbital's energy far below the occupied ones: a spurious eigenvalue.
+    c = S @ basis.C[:, -1]
+    P = (H - 40.0 * torch.outer(c, c)).requires_grad_(True)
+    spurious = float(true_eigenbasis(P.detach(), S, nocc).eps[0])
+    assert spurious < float(basis.eps[0])
+    _, hinge = eigen_loss(P, basis)
+    assert float(hinge.detach()) > 0
+    hinge.backward()
+    lifted = true_eigenbasis(P.detach() - 1.0 * P.grad, S, nocc).eps[0]
+    assert float(lifted) > spurious
+
+
+def test_a_degenerate_lumo_level_is_kept_whole_and_needs_a_virtual_space():
+    H, S, nocc = _problem(8)
+    basis = true_eigenbasis(H, S, nocc)
+    # Make the LUMO doubly degenerate: H' = S C diag(eps') C^T S with eps'[nocc + 1] = eps'[nocc].
+    eps = basis.eps.clone()
+    eps[nocc + 1] = eps[nocc]
+    SC = S @ basis.C
+    degenerate = true_eigenbasis(SC @ torch.diag(eps) @ SC.T, S, nocc)
+    assert basis.kept == nocc + 1 and degenerate.kept == nocc + 2
+    with pytest.raises(ValueError, match="nocc"):
+        true_eigenbasis(H, S, len(H))
