@@ -19,6 +19,11 @@ derivatives (``C`` comes from the target and carries no gradient):
   / scale`` over those eigenvalues. ``eigvalsh``'s gradient ``v v^T`` is finite at degenerate eigenvalues (only
   eigenvector gradients divide by gaps), so the term is stable.
 
+In training (``train.eigen_loss: {alignment: w_a, hinge: w_h}``, both 0 by default) :func:`batch_eigen_loss`
+adds ``w_a * alignment + w_h * hinge``, averaged over the batch's molecules, to the matrix loss; the true basis
+is solved on the fly (one overlap matrix, cached by :mod:`metaham.qh9.overlap`, and one ``eigh`` per
+molecule).
+
 Example::
 
     basis = true_eigenbasis(H_true, S, nocc)                     # once per molecule, no gradient
@@ -27,6 +32,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -84,3 +90,32 @@ def eigen_loss(H_pred: Tensor, basis: TrueEigenbasis, scale: Tensor | float = 1.
     lowest = torch.linalg.eigvalsh(0.5 * (virtual + virtual.mT))
     hinge = (torch.relu(basis.midgap.to(M) - lowest) / scale).mean()
     return alignment, hinge
+
+
+@dataclass(frozen=True)
+class EigenWeights:
+    """The weights of the two terms in training (``train.eigen_loss``); all zero: the term is off."""
+
+    alignment: float = 0.0
+    hinge: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.alignment or self.hinge)
+
+
+def batch_eigen_loss(
+    H_pred: Sequence[Tensor], H_true: Sequence[Tensor], Z: Sequence[Tensor], pos: Sequence[Tensor],
+    weights: EigenWeights, scale: Tensor | float = 1.0,
+) -> Tensor:
+    """Mean over molecules of ``weights.alignment * alignment + weights.hinge * hinge`` for full predicted
+    matrices ``H_pred`` (for a residual model: ``H_init`` plus the network's part) against ``H_true``."""
+    from .basis import n_occupied
+    from .overlap import overlap
+
+    total = []
+    for pred, true, z, r in zip(H_pred, H_true, Z, pos, strict=True):
+        z_np = z.detach().cpu().numpy()
+        S = torch.from_numpy(overlap(z_np, r.detach().cpu().numpy())).to(true.device)
+        alignment, hinge = eigen_loss(pred, true_eigenbasis(true, S, n_occupied(z_np)), scale)
+        total.append(weights.alignment * alignment + weights.hinge * hinge)
+    return torch.stack(total).mean()

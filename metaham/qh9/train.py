@@ -55,6 +55,7 @@ from metaham.train.run import Run, RunSpec, start_run
 
 from .data import batches, epoch_order, make_dataset, open_data, split_positions
 from .dataset import QH9Dataset, matrices
+from .eigen_loss import EigenWeights, batch_eigen_loss
 from .model import CHECKPOINT_FORMAT, QH9Model, build_model
 from .splits import SCHEMES
 
@@ -82,6 +83,8 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": 0,
         "max_minutes": 0.0,
         "eval_batch_size": 64,
+        # Weights of the eigen-aware terms (metaham.qh9.eigen_loss), added to `loss`; 0: off.
+        "eigen_loss": {"alignment": 0.0, "hinge": 0.0},
     },
     "device": "auto",
     "threads": 0,
@@ -119,6 +122,8 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> None:
         require(math.isfinite(t[key]) and t[key] >= 0, f"train.{key}", ">= 0", t[key])
     require(0 <= t["min_lr_ratio"] <= 1, "train.min_lr_ratio", "in [0, 1]", t["min_lr_ratio"])
     require(t["loss"] in LOSSES, "train.loss", f"one of {', '.join(LOSSES)}", t["loss"])
+    for key, value in t["eigen_loss"].items():
+        require(math.isfinite(value) and value >= 0, f"train.eigen_loss.{key}", "a finite number >= 0", value)
     require(t["decay"] in DECAYS, "train.decay", f"one of {', '.join(DECAYS)}", t["decay"])
     require(d["split_by"] in ("auto", *SCHEMES), "data.split_by", f"auto or one of {', '.join(SCHEMES)}", d["split_by"])
     for key in ("max_train", "max_val"):
@@ -305,8 +310,16 @@ class _Epochs:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.total_steps, self.settings)
         model = self.model
-        return matrix_loss(model(batch.z, batch.pos, batch.batch, batch.ptr), model.target(batch),
-                           self.settings["loss"], model.output_scale)
+        learned = model(batch.z, batch.pos, batch.batch, batch.ptr)
+        loss = matrix_loss(learned, model.target(batch), self.settings["loss"], model.output_scale)
+        weights = EigenWeights(**self.settings["eigen_loss"])
+        if weights:
+            full = [h0.to(h) + h for h0, h in zip(matrices(batch, "H_init"), learned)] if model.residual else learned
+            per_atom = [batch.z[a:b] for a, b in zip(batch.ptr[:-1], batch.ptr[1:])]
+            positions = [batch.pos[a:b] for a, b in zip(batch.ptr[:-1], batch.ptr[1:])]
+            loss = loss + batch_eigen_loss(full, matrices(batch, "H"), per_atom, positions, weights,
+                                           model.output_scale)
+        return loss
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
         p = self.progress
