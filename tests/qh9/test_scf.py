@@ -11,7 +11,7 @@ from metaham.errors import InvalidValueError, NonFiniteError
 from metaham.qh9 import generate as gen
 from metaham.qh9.formats import open_qh9
 from metaham.qh9.generate import DFTSettings, _mean_field
-from metaham.qh9.scf import ENERGY_TOL, scf_acceleration
+from metaham.qh9.scf import ENERGY_TOL, scf_acceleration, scf_report
 
 KEYS = ("scf_n", "scf_ric_mean", "scf_ric_median", "scf_slower_fraction", "scf_time_ratio", "scf_max_abs_de")
 
@@ -39,7 +39,8 @@ def test_exact_hamiltonian_needs_fewer_cycles_and_summary_matches_arrays(rows):
     assert per["converged_minao"].all() and per["converged_pred"].all()
     # The stored H is the converged Fock matrix: its density is the answer, so the SCF stops at once.
     assert (per["cycles_pred"] <= per["cycles_minao"]).all() and (per["ratio"] <= 1).all()
-    assert (per["cycles_pred"] < per["cycles_minao"]).any()
+    # ... within a cycle or two where MINAO needs several; half of MINAO's count leaves room for rounding
+    assert (per["ratio"] <= 0.5).all(), per["ratio"]
     assert (per["abs_de"] <= ENERGY_TOL).all()
     assert summary["scf_max_abs_de"] == pytest.approx(per["abs_de"].max(), abs=0)
 
@@ -70,6 +71,18 @@ def test_bad_start_converges_to_the_same_energy_whatever_the_workers(rows):
     assert {k: one[k] for k in KEYS if k != "scf_time_ratio"} == pytest.approx(
         {k: two[k] for k in KEYS if k != "scf_time_ratio"}, abs=1e-10
     )
+
+
+def test_unconverged_runs_are_flagged(rows):
+    """Two cycles cannot converge H2 from MINAO's guess to 1e-13: the summary and the report say so."""
+    records, settings = rows
+    h2 = [r for r in records if len(r.Z) == 2]
+    short = DFTSettings(**{**vars(settings), "max_cycle": 2})
+    summary, per = scf_acceleration(h2, [r.H_init for r in h2], short, progress=False)
+    assert not per["converged_minao"].any() and (per["cycles_minao"] == 2).all()
+    assert summary["scf_unconverged"] == len(h2) and summary["scf_energy_ok"] is False
+    assert np.isnan(summary["scf_max_abs_de"])
+    assert "WARNING: 2 molecule(s) did not converge" in scf_report(summary)
 
 
 def test_bad_predictions_are_refused_naming_the_row(rows):
