@@ -24,6 +24,7 @@ EXAMPLES = """
   metaham qh9 train --out runs/sparse --resume
   metaham qh9 eval --checkpoint runs/sparse --split test --save-predictions pred.npz --json
   torchrun --standalone --nproc_per_node 4 -m metaham qh9 eval --checkpoint runs/sparse --split all
+  metaham qh9 eval --checkpoint runs/sparse --split test --scf --scf-workers 2 --json
 """
 
 
@@ -337,6 +338,12 @@ def _add_model_commands(sub) -> None:
         "--batch-size", type=positive(int), default=None,
         help="molecules per batched forward pass (default: train.eval_batch_size of the run's config)",
     )
+    p.add_argument(
+        "--scf", action="store_true",
+        help="also run pyscf's SCF (the file's settings) from MINAO's guess and from each prediction: cycles, "
+        "their ratio, share of molecules made slower, max |dE| (scf_* keys)",
+    )
+    p.add_argument("--scf-workers", type=positive(int), default=1, metavar="N", help="processes for --scf (default 1)")
     add_device_flag(p)
     _add_trust_flag(p)
     add_json_flag(p)
@@ -399,7 +406,7 @@ def _eval(args: argparse.Namespace) -> int:
         with open_world(device) as world:
             summary, predictions = evaluate_checkpoint(
                 args.checkpoint, args.data, args.split, world.device_for(device), args.batch_size,
-                keep_predictions=bool(args.save_predictions), trust_pickle=args.trust_pickle,
+                keep_predictions=bool(args.save_predictions) or args.scf, trust_pickle=args.trust_pickle,
             )
     except (ConfigError, ValueError) as exc:  # ValueError also: a bad METAHAM_DIST_TIMEOUT
         raise UsageError(str(exc)) from exc
@@ -410,6 +417,13 @@ def _eval(args: argparse.Namespace) -> int:
     result = {
         "checkpoint": args.checkpoint, **summary, "predictions": args.save_predictions, "world_size": world.size,
     }
+    if args.scf:
+        from metaham.qh9.scf import file_scf_acceleration, scf_report
+
+        scf_summary, _ = file_scf_acceleration(
+            summary["data"], predictions, args.scf_workers, trust_pickle=args.trust_pickle
+        )
+        result.update(scf_summary)
     s = summary
     rows = [[
         "dense twin" if s["dense"] else f"sparse ({s['phase']})", s["n"], s["h_mae_ueh"], s["h_diag_mae_ueh"],
@@ -423,5 +437,6 @@ def _eval(args: argparse.Namespace) -> int:
         "cosine in %\n"
         + table(rows, header)
         + (f"\npredictions written to {args.save_predictions}" if args.save_predictions else "")
+        + (f"\n{scf_report(scf_summary)}" if args.scf else "")
     )
     return emit(args, text, result)

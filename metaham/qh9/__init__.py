@@ -10,6 +10,8 @@
 * :mod:`~metaham.qh9.orbitals` -- the def2-SVP layout in e3nn terms: :func:`assemble` padded e3nn-order
   blocks into full pyscf-order matrices, :func:`wigner_D` of a molecule's AO space.
 * :mod:`~metaham.qh9.evaluate` -- QH9's metrics, batched: :func:`evaluate_predictions`, :func:`evaluate_model`.
+* :mod:`~metaham.qh9.scf` -- SCF acceleration: :func:`scf_acceleration`, pyscf's SCF cycles from a predicted H
+  against MINAO's guess.
 
 Names are imported on first use, so that the generator's pyscf worker processes never load torch.
 """
@@ -28,6 +30,7 @@ _EXPORTS = {
     "wigner_D": "orbitals",
     "evaluate_predictions": "evaluate",
     "evaluate_model": "evaluate",
+    "scf_acceleration": "scf",
 }
 __all__ = sorted(_EXPORTS)
 

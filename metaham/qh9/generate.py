@@ -30,9 +30,9 @@ import sys
 import time
 import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -52,6 +52,28 @@ class DFTSettings:
     conv_tol: float = 1e-13
     diis_space: int = 8
     max_cycle: int = 100
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> "DFTSettings":
+        """The settings a file was generated with, from its ``meta`` table (``QH9File.metadata``), so that
+        later pyscf runs on its geometries (initial guesses, SCF restarts) match its matrices. Fields the file
+        does not record keep QH9's values: QH9's own files have no ``meta`` table and used QH9's settings.
+        Other metadata keys (seed, pyscf version, ...) are ignored.
+
+        >>> DFTSettings.from_metadata({"xc": "pbe", "seed": 3}).xc
+        'pbe'
+        """
+        values = {}
+        for field in fields(cls):
+            if field.name in metadata:
+                kind = type(field.default)
+                try:
+                    values[field.name] = kind(metadata[field.name])
+                except (TypeError, ValueError):
+                    raise InvalidValueError(
+                        f"file metadata {field.name}={metadata[field.name]!r} is not of type {kind.__name__}"
+                    ) from None
+        return cls(**values)
 
 
 @dataclass(frozen=True, eq=False)
@@ -479,14 +501,24 @@ def _validate_xc(xc: str) -> None:
 
 
 def _run(jobs: list[tuple], workers: int) -> Iterable[tuple]:
-    """Results in job order (ordered ``imap``): rows get ids in the same order whatever the scheduling."""
+    """Results in job order: rows get ids in the same order whatever the scheduling."""
+    return pyscf_map(_compute, jobs, workers)
+
+
+def pyscf_map(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterable[Any]:
+    """``function(job)`` for every job, results in job order, in ``workers`` processes of one pyscf thread each
+    (in this process when ``workers == 1``). ``function`` must be a module-level function (it is pickled).
+
+    The pool's processes are daemons and stop when the iteration ends, fails or is abandoned, and with the
+    parent process: no pyscf worker outlives the run that started it.
+    """
     if workers == 1 or len(jobs) <= 1:
         for job in jobs:
-            yield _compute(job)
+            yield function(job)
         return
     import multiprocessing
 
     # spawn, not fork: a forked child of a process that already ran OpenMP code can hang in pyscf.
     context = multiprocessing.get_context("spawn")
     with context.Pool(min(workers, len(jobs)), initializer=_init_worker, initargs=(os.getpid(),)) as pool:
-        yield from pool.imap(_compute, jobs, chunksize=1)
+        yield from pool.imap(function, jobs, chunksize=1)
