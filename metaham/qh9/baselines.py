@@ -97,7 +97,7 @@ def score_baselines(
     positions = select(catalog, part, scheme, seed)
     if not len(positions):
         raise ValueError(f"{file.path}: the {part!r} part of the {scheme} split is empty ({len(catalog)} rows in all)")
-    settings = DFTSettings(xc=file.metadata.get("xc", DFTSettings.xc))
+    settings = DFTSettings.from_metadata(file.metadata)  # the file's own settings, QH9's where it has none
     results = {}
     for name in names:
         if name == "minao":
