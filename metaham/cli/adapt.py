@@ -75,10 +75,10 @@ def run(args: argparse.Namespace) -> int:
 
     steps = [str(s) for s in report.eval_steps]
     rows = [
-        [name, *(m["vf_mse"][s] for s in steps), m["rollout_rel_err"], m["energy_rel_err"]]
+        [name, *(m["vf_mse"][s] for s in steps), m["vf_nmse"][steps[-1]], m["rollout_rel_err"], m["energy_rel_err"]]
         for name, m in result["models"].items()
     ]
-    header = ["model", *(f"mse@{s}" for s in steps), "rollout err", "energy err"]
+    header = ["model", *(f"mse@{s}" for s in steps), f"nmse@{steps[-1]}", "rollout err", "energy err"]
     diverged = {name: m["diverged_tasks"] for name, m in result["models"].items() if m["diverged_tasks"]}
     where = {
         "test": f"held out from training: a test system of split {result['split']}",

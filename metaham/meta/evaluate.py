@@ -121,6 +121,9 @@ class AdaptationReport:
     info: dict[str, Any]
     results: dict[str, ModelResult]
     truth: tuple[Tensor, Tensor, Tensor] = field(repr=False)  # t (T,), q and p (T, n, 2) of the example rollout
+    # (N,) mean square of each task's query targets: vf_nmse = vf_mse / this puts systems whose vector fields
+    # differ 25-100x in scale on one footing (1.0 is the error of predicting a zero field).
+    query_power: Tensor | None = field(default=None, repr=False)
 
     @property
     def eval_steps(self) -> list[int]:
@@ -135,8 +138,11 @@ class AdaptationReport:
             # A diverged task (non-finite MSE) counts as infinitely bad: the mean says so, the median stays useful.
             curves = torch.nan_to_num(result.curves, nan=float("inf"))
             at = {str(s): curves[:, s] for s in self.eval_steps}
+            normalised = {k: v / self.query_power for k, v in at.items()} if self.query_power is not None else {}
             models[name] = {
                 "vf_mse": {k: float(v.mean()) for k, v in at.items()},
+                "vf_nmse": {k: float(v.mean()) for k, v in normalised.items()},
+                "vf_nmse_median": {k: float(v.median()) for k, v in normalised.items()},
                 "vf_mse_std": {k: float(v.std(unbiased=False)) if torch.isfinite(v).all() else None for k, v in at.items()},
                 "vf_mse_median": {k: float(v.median()) for k, v in at.items()},
                 "rollout_rel_err": geometric_mean(result.rollout_errors),
@@ -243,7 +249,8 @@ def evaluate_adaptation(
         + (", meta model: its learned Meta-SGD rates" if config["maml"]["meta_sgd"] else "")
         + (", meta model: read-out only (ANIL)" if config["maml"]["anil"] else "")
         + f"); vf_mse: vector-field MSE on {k_query} query points, mean over {len(tasks)} tasks of fresh "
-        f"parameter draws; rollouts: {ROLLOUT_METHOD}, {n_steps} steps of {float(t[1] - t[0]):.3g} from {r} held-out "
+        "parameter draws (vf_nmse: each task's MSE divided by the mean square of its query targets); "
+        f"rollouts: {ROLLOUT_METHOD}, {n_steps} steps of {float(t[1] - t[0]):.3g} from {r} held-out "
         f"initial states per task against the ground truth ({config['tasks']['integrator']}); rollout_rel_err and "
         f"energy_rel_err (true H along the predicted rollout): mean over time of |a-b|/(|a|+|b|), geometric "
         f"mean over {len(tasks) * r} trajectories"
@@ -259,8 +266,10 @@ def evaluate_adaptation(
         "backbone": config["model"]["backbone"],
         "seconds": time.perf_counter() - started,
     }
+    query_power = torch.stack([torch.cat([t.query.dq, t.query.dp], dim=-1).double().pow(2).mean() for t in tasks])
     return AdaptationReport(system, shots, steps, seed, lr, backtrack, protocol, info, results,
-                            truth=(t.cpu(), tasks[0].rollouts.q[0].cpu(), tasks[0].rollouts.p[0].cpu()))
+                            truth=(t.cpu(), tasks[0].rollouts.q[0].cpu(), tasks[0].rollouts.p[0].cpu()),
+                            query_power=query_power.cpu())
 
 
 def _split_role(split: Split, system: str) -> str:

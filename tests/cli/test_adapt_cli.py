@@ -74,7 +74,10 @@ def test_adapt_reports_the_issue_json_shape_and_a_plot(run_dir, tmp_path, capsys
     assert (result["system"], result["shots"], result["steps"]) == ("pendulum", 6, 12)
     assert list(result["models"]) == ["meta", "pretrained", "random"]
     for metrics in result["models"].values():
-        assert list(metrics["vf_mse"]) == ["0", "1", "5", "10", "12"]
+        assert list(metrics["vf_mse"]) == ["0", "1", "5", "10", "12"] == list(metrics["vf_nmse"])
+        # Each task's MSE over the mean square of its query targets: the ratio of means is not the mean of
+        # ratios, but both are positive and finite, and a zero-field prediction would give exactly 1 per task.
+        assert all(0 < v < float("inf") for v in metrics["vf_nmse"].values())
         assert all(isinstance(v, float) and v >= 0 for v in metrics["vf_mse"].values())
         assert 0 <= metrics["rollout_rel_err"] <= 1 and 0 <= metrics["energy_rel_err"] <= 1
     assert "full-batch SGD at lr 0.3, a step that does not lower the support loss halved up to 10" in result["protocol"]

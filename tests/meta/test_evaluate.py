@@ -8,7 +8,7 @@ import systems
 from metaham.integrate import simulate
 from metaham.meta import training
 from metaham.meta.config import load_meta_config, task_config
-from metaham.meta.evaluate import _fresh_tasks, evaluate_adaptation, load_run
+from metaham.meta.evaluate import AdaptationReport, ModelResult, _fresh_tasks, evaluate_adaptation, load_run
 from metaham.meta.metrics import energy_relative_error, geometric_mean, rollout_relative_error
 
 TINY = Path(__file__).with_name("tiny_meta_train.yaml")
@@ -129,3 +129,14 @@ def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
     rollouts = task().rollouts
     errors = rollout_relative_error(rollouts.q[None].expand(3, -1, -1, -1, -1), rollouts.p[None].expand(3, -1, -1, -1, -1), q, p)
     assert torch.all(errors[1] == 1) and torch.all(errors[[0, 2]] < 1)
+
+
+def test_normalised_mse_divides_each_task_by_the_power_of_its_own_targets():
+    curves = torch.tensor([[4.0, 2.0], [40.0, 20.0]], dtype=torch.float64)  # two tasks, 10x apart in scale
+    power = torch.tensor([2.0, 20.0], dtype=torch.float64)
+    result = ModelResult(curves, torch.ones(2, 1), torch.ones(2, 1), 0, (torch.zeros(3, 1, 2), torch.zeros(3, 1, 2)))
+    report = AdaptationReport("pendulum", 5, 1, 0, 0.1, 0, "", {}, {"meta": result},
+                              truth=(torch.zeros(3), torch.zeros(3, 1, 2), torch.zeros(3, 1, 2)), query_power=power)
+    models = report.to_dict()["models"]["meta"]
+    assert models["vf_mse"] == {"0": 22.0, "1": 11.0}  # the raw mean is dominated by the large task
+    assert models["vf_nmse"] == {"0": 2.0, "1": 1.0} == models["vf_nmse_median"]  # both tasks count alike
