@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         tasks = []
         for _ in range(args.tasks):
             theta = system.sample_params(1, generator)
-            support, query = (_points(system, theta, args.points, generator) for _ in range(2))
+            support, query = (task_points(system, theta, args.points, generator) for _ in range(2))
             tasks.append(MetaTask(support, query, graph))
         model = HamiltonianGNN(backbone=args.backbone, hidden=args.hidden, layers=args.layers)
         ours, ours_loop = MAML(model, inner_lr=0.1), MAML(model, inner_lr=0.1, vmap=False)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     return summary, result
 
 
-def _points(system, theta: dict, k: int, generator: torch.Generator) -> tuple:
+def task_points(system, theta: dict, k: int, generator: torch.Generator) -> tuple:
     """K phase-space points of one task (fixed physical parameters) with exact vector-field targets, float32."""
     params = {name: value.expand(k) for name, value in theta.items()}
     q, p = system.sample_initial_state(params, generator)

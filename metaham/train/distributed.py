@@ -1,10 +1,11 @@
 """Data parallelism on torch.distributed: who this process is among the ranks torchrun started, and the few
 collectives both halves need, each a no-op when there is one process.
 
-Why one module: QH9 training wraps its model in DistributedDataParallel, MAML all-reduces a functional
-meta-gradient itself, evaluation shards molecules and gathers their scores. All of them need the same rank
-arithmetic and the same behaviour when a peer dies, so code written once runs unchanged under plain
-``metaham ...`` (one process, nothing initialised) and under ``torchrun --nproc_per_node N -m metaham ...``.
+Why one module: both training halves shard each batch and average loss and gradients through
+:meth:`World.average_gradients` (the engine's one reduction point), evaluation shards molecules and gathers
+their scores. All of them need the same rank arithmetic and the same behaviour when a peer dies, so code
+written once runs unchanged under plain ``metaham ...`` (one process, nothing initialised) and under
+``torchrun --nproc_per_node N -m metaham ...``.
 
 Backends: gloo on CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``).
 
