@@ -103,23 +103,14 @@ def _qh9_problem(args: argparse.Namespace) -> dict:
 
 def _meta_problem(args: argparse.Namespace) -> dict:
     import systems
-    from metaham.hamiltonian import system_edge_index
-    from metaham.meta import MetaTask
 
-    from .maml import task_points
+    from .maml import equal_shape_tasks
 
     try:
         system = systems.get(args.system)
     except KeyError as exc:
         raise UserError(f"--system {args.system!r}: {exc}") from None
-    generator = torch.Generator().manual_seed(0)
-    graph = system_edge_index(system)
-    tasks = []
-    for _ in range(args.tasks):
-        theta = system.sample_params(1, generator)
-        support, query = (task_points(system, theta, args.points, generator) for _ in range(2))
-        tasks.append(MetaTask(support, query, graph))
-    return {"half": "meta", "batch": len(tasks), "items": tasks,
+    return {"half": "meta", "batch": args.tasks, "items": equal_shape_tasks(system, args.tasks, args.points),
             "model": {"backbone": "gcn", "hidden": args.hidden, "layers": args.layers}}
 
 
