@@ -12,6 +12,7 @@ EXAMPLES = """
   metaham meta-train --config configs/meta_train.yaml --out runs/leave_pendulum
   metaham meta-train --config meta_train_leave_mass_spring --set train.outer_steps=500 --out runs/ms
   metaham meta-train --out runs/leave_pendulum --resume              continue an interrupted run
+  torchrun --standalone --nproc_per_node 2 -m metaham meta-train --out runs/lp     data parallel, 2 ranks
   metaham meta-train --config configs/meta_train.yaml --set model.hidden=32 --set train.pretrain=false --out runs/x --json
 then: metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 50 --steps 50
 """

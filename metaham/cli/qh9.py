@@ -22,6 +22,7 @@ EXAMPLES = """
   metaham qh9 train --config configs/qh9.yaml --data g2.db --out runs/sparse
   metaham qh9 train --data g2.db --out runs/dense --set model.dense=true --set train.epochs=10
   metaham qh9 train --out runs/sparse --resume
+  torchrun --standalone --nproc_per_node 2 -m metaham qh9 train --data g2.db --out runs/sparse
   metaham qh9 eval --checkpoint runs/sparse --split test --save-predictions pred.npz --json
   torchrun --standalone --nproc_per_node 4 -m metaham qh9 eval --checkpoint runs/sparse --split all
 """

@@ -28,6 +28,7 @@ from tests.train.test_distributed import ROOT, finish, free_port, torchrun
 
 WORKER = Path(__file__).with_name("train_worker.py")
 TINY_META = ROOT / "tests" / "meta" / "tiny_meta_train.yaml"
+QH9_CONFIG = ROOT / "configs" / "qh9.yaml"  # this checkout's, named: the installed package may ship another
 RTOL, ATOL = 1e-9, 1e-10
 
 # A tiny sparse QH9 model through all three phases within 21 steps (8 training rows, global batch 3: batches
@@ -90,7 +91,8 @@ def water(tmp_path_factory) -> Path:
 def _qh9(water: Path, out: Path, ranks: int, epochs: int, resume: bool = False) -> tuple[dict, dict[int, dict]]:
     args = ["qh9", "train", "--out", str(out / "run"), "--json",
             *_sets({**{f"model.{k}": v for k, v in QH9_MODEL.items()}, **QH9_TRAIN, "train.epochs": epochs})]
-    args += ["--resume"] if resume else ["--data", str(water)]
+    # A resumed run reads its saved config.yaml (data file included).
+    args += ["--resume"] if resume else ["--config", str(QH9_CONFIG), "--data", str(water)]
     code, text, seen = _launch(out / f"ranks{ranks}-{epochs}", args, ranks)
     assert code == 0, text
     return _json(text), seen
@@ -214,7 +216,7 @@ def test_more_ranks_than_molecules_or_tasks_in_a_batch_is_refused_before_the_run
     sets = [f"{k}={v}" for k, v in {**{f"model.{k}": v for k, v in QH9_MODEL.items()}, **QH9_TRAIN,
                                     "data.file": water}.items()]
     with pytest.raises(ConfigError, match=r"9 ranks need at least 9 molecules .* train.batch_size=3 one batch holds 2"):
-        train(load_train_config(None, sets), tmp_path / "qh9", world=nine)
+        train(load_train_config(QH9_CONFIG, sets), tmp_path / "qh9", world=nine)
     config = load_meta_config(TINY_META, ["train.meta_batch=3"])
     with pytest.raises(ConfigError, match=r"9 ranks need train.meta_batch >= 9"):
         training.train(config, tmp_path / "meta", world=nine)
