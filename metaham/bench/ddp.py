@@ -6,7 +6,8 @@ loss and gradients, clipping, the update, the schedulers) on the same global bat
 shard's size. Two steps are timed:
 
 * QH9: the QH9 model of ``configs/qh9.yaml`` (``--config`` / ``--set`` change it; fixed sparsity phase, learning ``H``) on a
-  batch of the largest G2 molecules, with their core Hamiltonians as targets;
+  batch of the largest G2 molecules in a seeded shuffled order (as a training batch is), with their core
+  Hamiltonians as targets;
 * meta: one second-order MAML step of a HamiltonianGNN on a meta-batch of equal-shape tasks of one system.
 
 Each side runs in fresh processes spawned here, one torch thread each, and reports samples per second: the
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from metaham.errors import UserError
@@ -97,6 +99,10 @@ def _qh9_problem(args: argparse.Namespace) -> dict:
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     molecules = [molecule_data(Z, pos, H) for _, Z, pos, H, _ in g2_inputs(args.molecules, 1)]
+    # g2_inputs lists the molecules largest first; a training batch is a shuffled draw. Contiguous shards of the
+    # sorted list would give rank 0 all the large ones and time the imbalance, not the data parallelism.
+    order = np.random.default_rng(0).permutation(len(molecules))
+    molecules = [molecules[i] for i in order]
     return {"half": "qh9", "batch": len(molecules), "items": molecules,
             "model": {**model, "residual": False, "random_steps": 0, "adaptive_steps": 0}}
 
