@@ -41,22 +41,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
     import systems
-    from metaham.hamiltonian import HamiltonianGNN, system_edge_index
-    from metaham.meta import MAML, MetaTask
+    from metaham.hamiltonian import HamiltonianGNN
+    from metaham.meta import MAML
 
     for key in ("tasks", "points", "hidden", "layers", "repeats", "threads"):
         if getattr(args, key) < 1:
             raise UserError(f"--{key} must be >= 1, got {getattr(args, key)}")
     with torch_threads(args.threads):
         system = systems.get(args.system)
-        generator = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        graph = system_edge_index(system)
-        tasks = []
-        for _ in range(args.tasks):
-            theta = system.sample_params(1, generator)
-            support, query = (_points(system, theta, args.points, generator) for _ in range(2))
-            tasks.append(MetaTask(support, query, graph))
+        tasks = equal_shape_tasks(system, args.tasks, args.points)
         model = HamiltonianGNN(backbone=args.backbone, hidden=args.hidden, layers=args.layers)
         ours, ours_loop = MAML(model, inner_lr=0.1), MAML(model, inner_lr=0.1, vmap=False)
 
@@ -107,6 +101,22 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         f"{'met' if result['target_met'] else 'NOT met'}); meta-gradients agree to {agreement:.1e} (relative)"
     )
     return summary, result
+
+
+def equal_shape_tasks(system, n_tasks: int, points: int, seed: int = 0) -> list:
+    """``n_tasks`` :class:`~metaham.meta.MetaTask` s of ``system``, each with its own physical parameters and
+    ``points`` support and query points (float32), drawn from ``seed``: the meta-batch the benchmarks time."""
+    from metaham.hamiltonian import system_edge_index
+    from metaham.meta import MetaTask
+
+    generator = torch.Generator().manual_seed(seed)
+    graph = system_edge_index(system)
+    tasks = []
+    for _ in range(n_tasks):
+        theta = system.sample_params(1, generator)
+        support, query = (_points(system, theta, points, generator) for _ in range(2))
+        tasks.append(MetaTask(support, query, graph))
+    return tasks
 
 
 def _points(system, theta: dict, k: int, generator: torch.Generator) -> tuple:

@@ -70,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_flag(parser)
 
 
-def _inputs(n_molecules: int, n_conformers: int, seed: int = 0) -> list[tuple]:
+def g2_inputs(n_molecules: int, n_conformers: int, seed: int = 0) -> list[tuple]:
     """``(id, Z, pos, H_true, H_pred)`` for displaced conformers of the largest usable G2 molecules."""
     from pyscf import gto
 
@@ -140,7 +140,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     batch_size = args.eval_batch_size or config["train"]["eval_batch_size"]
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "eval.db"
-        _write_eval_file(path, _inputs(args.molecules, args.conformers))
+        _write_eval_file(path, g2_inputs(args.molecules, args.conformers))
         dataset = QH9Dataset(path)
         records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
@@ -275,7 +275,7 @@ def _with_threads(threads: int, fn):
 
 def _write_eval_file(path, inputs: list[tuple]) -> None:
     """A QH9-stable SQLite file with an ``H_init`` column (the layout ``metaham qh9 generate`` writes) from
-    :func:`_inputs`' rows: ``H_init`` the core Hamiltonian, ``Ham`` the core Hamiltonian plus noise."""
+    :func:`g2_inputs`' rows: ``H_init`` the core Hamiltonian, ``Ham`` the core Hamiltonian plus noise."""
     import sqlite3
 
     db = sqlite3.connect(path)
@@ -320,7 +320,7 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
 
     molecules = [
         molecule_data(Z, pos, H_true, id=row, molecule=str(row))
-        for row, Z, pos, H_true, _ in _inputs(args.train_molecules, 1)
+        for row, Z, pos, H_true, _ in g2_inputs(args.train_molecules, 1)
     ]
     batch = Batch.from_data_list(molecules)
     result = time_training_steps(batch, device, args.train_repeats, model_options)

@@ -86,13 +86,27 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except Exception as exc:
+        if _is_rank_failure(exc) and not debug:
+            # Not the user's doing and not a bug of this rank: a peer died or went silent. One line, exit 1.
+            print(f"metaham {args.command}: error: rank failure: {_one_line(str(exc))}", file=sys.stderr)
+            return 1
         message = user_error_message(exc)
         if message is None or debug:
             raise
-        # One line, whatever the message's source put in it (a library's multi-line text, say).
-        message = " ".join(part.strip() for part in message.splitlines() if part.strip())
-        print(f"metaham {args.command}: error: {message}", file=sys.stderr)
+        print(f"metaham {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+
+
+def _one_line(message: str) -> str:
+    """One line, whatever the message's source put in it (a library's multi-line text, say)."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _is_rank_failure(exc: BaseException) -> bool:
+    # Checked through sys.modules: importing metaham.train.distributed would load torch at every start-up, and
+    # a RankFailure can only exist once that module is loaded.
+    distributed = sys.modules.get("metaham.train.distributed")
+    return distributed is not None and isinstance(exc, distributed.RankFailure)
 
 
 # File-system refusals that a user's choice of path causes (not our bugs).

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import UsageError, add_json_flag, add_plugin_flag, emit, eprint, load_plugins, table
+from ._common import (
+    UsageError, add_json_flag, add_plugin_flag, emit, eprint, load_plugins, resolve_device, table,
+)
 
 HELP = "meta-train a HamiltonianGNN with MAML (and the pre-trained baseline) on the training systems of a split"
 EXAMPLES = """
   metaham meta-train --config configs/meta_train.yaml --out runs/leave_pendulum
   metaham meta-train --config meta_train_leave_mass_spring --set train.outer_steps=500 --out runs/ms
   metaham meta-train --out runs/leave_pendulum --resume              continue an interrupted run
+  torchrun --standalone --nproc_per_node 2 -m metaham meta-train --out runs/lp     data parallel, 2 ranks
   metaham meta-train --config configs/meta_train.yaml --set model.hidden=32 --set train.pretrain=false --out runs/x --json
 then: metaham adapt --checkpoint runs/leave_pendulum --system pendulum --shots 50 --steps 50
 """
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from metaham.meta.config import DEFAULT_CONFIG, load_meta_config, resolve_split
     from metaham.train import ConfigError
     from metaham.train.config import CONFIG_FILE
+    from metaham.train.distributed import open_world
 
     load_plugins(args.plugin)
     run_dir = Path(args.out)
@@ -51,12 +55,17 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     try:
-        results = training.train(config, run_dir, resume=args.resume, progress=False if args.no_progress else None)
+        # Under torchrun the ranks train together (one process otherwise); rank 0 alone writes and prints.
+        with open_world(resolve_device(config["device"])) as world:
+            results = training.train(config, run_dir, resume=args.resume,
+                                     progress=False if args.no_progress else None, world=world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except FloatingPointError as exc:  # a diverging run: say so plainly; the last checkpoint is kept
         eprint(f"metaham meta-train: error: {exc}")
         return 1
+    if not world.is_main:
+        return 0
     split = resolve_split(config["split"])
 
     rows = [
@@ -68,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         f"split {split.name}: trained on {', '.join(split.train_systems)}; held out: {', '.join(split.test_systems)}\n"
         f"model {config['model']['backbone']} (hidden {config['model']['hidden']}, layers {config['model']['layers']}), "
         f"MAML inner lr {config['maml']['inner_lr']:g} x {config['maml']['inner_steps']} step(s), "
-        f"Adam lr {config['train']['lr']:g}, meta-batch {config['train']['meta_batch']}\n"
+        f"Adam lr {config['train']['lr']:g}, meta-batch {config['train']['meta_batch']}"
+        f"{f' over {world.size} ranks' if world.distributed else ''}\n"
         + table(rows, ["learner", "steps", "final loss", "seconds", "checkpoint"])
         + f"\nnext: metaham adapt --checkpoint {run_dir} --system {split.test_systems[0]} --shots "
         f"{config['tasks']['k_support']} --steps 50"
@@ -81,5 +91,6 @@ def run(args: argparse.Namespace) -> int:
         "test_systems": list(split.test_systems),
         "backbone": config["model"]["backbone"],
         "learners": {kind: r.to_dict() for kind, r in results.items()},
+        "world_size": world.size,
     }
     return emit(args, summary, result)

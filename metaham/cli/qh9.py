@@ -22,6 +22,7 @@ EXAMPLES = """
   metaham qh9 train --config configs/qh9.yaml --data g2.db --out runs/sparse
   metaham qh9 train --data g2.db --out runs/dense --set model.dense=true --set train.epochs=10
   metaham qh9 train --out runs/sparse --resume
+  torchrun --standalone --nproc_per_node 2 -m metaham qh9 train --data g2.db --out runs/sparse
   metaham qh9 eval --checkpoint runs/sparse --split test --save-predictions pred.npz --json
   torchrun --standalone --nproc_per_node 4 -m metaham qh9 eval --checkpoint runs/sparse --split all
   metaham qh9 eval --checkpoint runs/sparse --split test --scf --scf-workers 2 --json
@@ -356,6 +357,7 @@ def _train(args: argparse.Namespace) -> int:
     from metaham.qh9.train import DEFAULT_CONFIG, load_train_config, train
     from metaham.train import ConfigError
     from metaham.train.config import CONFIG_FILE
+    from metaham.train.distributed import open_world
 
     overrides = list(args.overrides)
     if args.data:
@@ -370,16 +372,21 @@ def _train(args: argparse.Namespace) -> int:
         config = load_train_config(base, overrides)
         if not config["data"]["file"]:
             raise UsageError("--data FILE is required (or --resume a run that has one)")
-        result = train(config, args.out, resume=args.resume, trust_pickle=args.trust_pickle)
+        # Under torchrun the ranks train together (one process otherwise); rank 0 alone writes and prints.
+        with open_world(resolve_device(config["device"])) as world:
+            result = train(config, args.out, resume=args.resume, trust_pickle=args.trust_pickle, world=world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     except FloatingPointError as exc:  # a diverging run: say so plainly; last.pt keeps the last good step
         eprint(f"metaham qh9 train: error: {exc}")
         return 1
+    if not world.is_main:
+        return 0
     kind = "dense twin" if config["model"]["dense"] else f"sparse model (phase {result['phase']})"
     summary = (
         f"{args.out}: {kind} trained for {result['epochs']} epochs, {result['steps']} steps, "
-        f"{result['seconds']:.1f} s ({result['stopped']}) on {result['n_train']} rows\n"
+        f"{result['seconds']:.1f} s ({result['stopped']}) on {result['n_train']} rows"
+        f"{f' on {world.size} ranks' if world.distributed else ''}\n"
         f"validation H MAE: initial {_fmt(result['initial_val_h_mae_ueh'])} uEh, best "
         f"{_fmt(result['best_val_h_mae_ueh'])} uEh (epoch {result['best_epoch']}), last "
         f"{_fmt(result['last_val_h_mae_ueh'])} uEh on {result['n_val']} rows\n"

@@ -29,7 +29,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
+from metaham.train import ConfigError
 from metaham.train.checkpoint import capture_state, restore_state
+from metaham.train.distributed import World, current_world, shard_slice, shard_weight
 from metaham.train.log import read_log as _read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
 from metaham.train.run import Run, start_run
@@ -77,6 +79,7 @@ def train(
     resume: bool = False,
     progress: bool | None = None,
     cache_dir: str | Path | None = None,
+    world: World | None = None,
 ) -> dict[str, LearnerResult]:
     """Meta-train (and pre-train) as ``config`` says, writing checkpoints and logs into ``run_dir``.
 
@@ -86,11 +89,20 @@ def train(
         resume: continue the run in ``run_dir`` from its checkpoints (learners already finished are skipped).
         progress: show progress bars on stderr (None: only on a terminal).
         cache_dir: where the task pools are cached (default :func:`tasks.default_cache_dir`).
+        world: the ranks torchrun started (:func:`~metaham.train.distributed.open_world`; default
+            :func:`~metaham.train.distributed.current_world`). Each rank takes its contiguous share of the tasks of
+            every meta-batch (``train.meta_batch`` stays the global meta-batch) and the meta-gradients are
+            averaged, each rank's loss weighted by its share: N ranks make the updates of one process. Every
+            rank validates (the same tasks, the same result); rank 0 alone writes into ``run_dir``.
 
     Returns:
         learner name -> :class:`LearnerResult`.
     """
-    run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume)
+    world = current_world() if world is None else world
+    if config["train"]["meta_batch"] < world.size:
+        raise ConfigError(f"{world.size} ranks need train.meta_batch >= {world.size} (one task per rank at least), "
+                          f"got {config['train']['meta_batch']}")
+    run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume, world=world)
     split = resolve_split(run.config["split"])
     distribution = split.train_distribution(task_config(run.config), seed=run.config["data_seed"],
                                             cache_dir=cache_dir, progress=progress)
@@ -170,8 +182,9 @@ class _Learner:
                                               num_batches=max(0, total - step))
 
     def loss(self, batch: list[Task], step: int) -> torch.Tensor:
-        tasks: MetaTask = to_meta_tasks([task.to(self.run.device) for task in batch])
-        return self.learner.meta_loss(tasks)
+        mine = batch[shard_slice(len(batch), self.run.world)]
+        tasks: MetaTask = to_meta_tasks([task.to(self.run.device) for task in mine])
+        return self.learner.meta_loss(tasks) * shard_weight(len(mine), len(batch), self.run.world)
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
         self.window.append(loss)

@@ -115,7 +115,8 @@ def batch_eigen_loss(
     total = []
     for pred, true, z, r in zip(H_pred, H_true, Z, pos, strict=True):
         z_np = z.detach().cpu().numpy()
-        S = torch.from_numpy(overlap(z_np, r.detach().cpu().numpy())).to(true.device)
+        # torch.tensor copies: the overlap matrix comes from a read-only cache.
+        S = torch.tensor(overlap(z_np, r.detach().cpu().numpy()), device=true.device)
         alignment, hinge = eigen_loss(pred, true_eigenbasis(true, S, n_occupied(z_np)), scale)
         total.append(weights.alignment * alignment + weights.hinge * hinge)
     return torch.stack(total).mean()

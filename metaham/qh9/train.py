@@ -41,7 +41,7 @@ import copy
 import inspect
 import math
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -49,6 +49,7 @@ from torch_geometric.data import Batch
 
 from metaham.train import ConfigError, load_config
 from metaham.train.checkpoint import capture_state, restore_state
+from metaham.train.distributed import World, all_gather_objects, current_world, shard_slice, shard_weight
 from metaham.train.log import read_log as _read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
 from metaham.train.run import Run, RunSpec, start_run
@@ -175,17 +176,22 @@ def learning_rate(step: int, total_steps: int, settings: Mapping[str, Any]) -> f
 
 
 @torch.no_grad()
-def validation_mae(model: QH9Model, batches: list[Batch], device: torch.device) -> float:
-    """QH9's H MAE (mean over molecules of the mean absolute entry error), in micro-Hartree."""
+def validation_mae(model: QH9Model, batches: list[Batch], device: torch.device, world: World | None = None) -> float:
+    """QH9's H MAE (mean over molecules of the mean absolute entry error), in micro-Hartree.
+
+    Under several ranks (``world``, default :func:`~metaham.train.distributed.current_world`) each scores whole
+    batches of its share and every rank gets the per-molecule errors of all, in the order of one process: the
+    same batches, the same mean, so the number does not depend on the ranks. Every rank must call it."""
+    world = current_world() if world is None else world
     was_training = model.training
     model.eval()
     errors = []
-    for batch in batches:
+    for batch in batches[shard_slice(len(batches), world)]:
         batch = copy.copy(batch).to(device)  # PyG's .to moves in place: the kept batches stay where they are
         for p, t in zip(model.predict(batch), matrices(batch, "H")):
             errors.append(float((p - t).abs().mean()))
     model.train(was_training)
-    return 1e6 * float(np.mean(errors))
+    return 1e6 * float(np.mean([e for part in all_gather_objects(errors, world) for e in part]))
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -201,14 +207,21 @@ def _optimizer(model: QH9Model, settings: Mapping[str, Any]) -> torch.optim.Adam
 
 def train(
     config: dict[str, Any], run_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
-    trust_pickle: bool = False,
+    trust_pickle: bool = False, world: World | None = None,
 ) -> dict[str, Any]:
     """Train as ``config`` says (``config["data"]["file"]`` the QH9 file), writing into ``run_dir``.
 
+    Data parallel under torchrun: pass the ``world`` :func:`~metaham.train.distributed.open_world` set up
+    (default: :func:`~metaham.train.distributed.current_world`). ``train.batch_size`` stays the global batch:
+    every rank reads the same epoch order and takes its contiguous share of each batch; the gradients are
+    averaged over the ranks, each rank's loss weighted by its share, so N ranks make the updates of one process.
+    Rank 0 alone writes into ``run_dir``.
+
     Returns:
         ``{"run_dir", "epochs", "steps", "best_epoch", "best_val_h_mae_ueh", "initial_val_h_mae_ueh",
-        "last_val_h_mae_ueh", "seconds", "stopped", "phase", "n_train", "n_val", "statistics"}``.
+        "last_val_h_mae_ueh", "seconds", "stopped", "phase", "n_train", "n_val", "statistics", "world_size"}``.
     """
+    world = current_world() if world is None else world
     with open_data(config["data"]["file"], trust_pickle) as file:
         # The data are checked before the run directory is touched: a refused file leaves nothing behind.
         # A residual model needs each molecule's H_init: where the file has none, pyscf computes it as a row is first read.
@@ -220,7 +233,8 @@ def train(
                 f"{file.path}: the {config['data']['split_by']} split leaves {len(train_set)} training and "
                 f"{len(val_set)} validation rows; both must be non-empty (use more rows, or data.split_by=stable-id)"
             )
-        run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume)
+        _check_batches_fill_the_ranks(len(train_set), config["train"]["batch_size"], world)
+        run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume, world=world)
         config, settings = run.config, run.config["train"]
         job = _Epochs(run, train_set, list(batches(val_set, settings["eval_batch_size"])), resume)
         try:
@@ -243,12 +257,31 @@ def train(
         "n_train": len(train_set),
         "n_val": len(val_set),
         "statistics": job.statistics,
+        "world_size": world.size,
     }
+
+
+def _check_batches_fill_the_ranks(n_train: int, batch_size: int, world: World) -> None:
+    # A rank without molecules would skip the forward pass, and with it the random-phase path draws that keep
+    # the ranks' generators (and so their sparse products) in step.
+    smallest = min(batch_size, n_train % batch_size or batch_size)
+    if smallest < world.size:
+        raise ConfigError(
+            f"{world.size} ranks need at least {world.size} molecules in every batch; with {n_train} training rows "
+            f"and train.batch_size={batch_size} one batch holds {smallest} (choose another train.batch_size)"
+        )
 
 
 def read_log(run_dir: str | Path) -> list[dict[str, Any]]:
     """``log.csv`` of a run as a list of rows (numbers where numeric, None where empty)."""
     return _read_log(Path(run_dir) / LOG_FILE)
+
+
+class _Shard(NamedTuple):
+    """This rank's molecules of one global batch of ``total``."""
+
+    batch: Batch
+    total: int
 
 
 class _Epochs:
@@ -281,7 +314,7 @@ class _Epochs:
         else:
             subset = np.random.RandomState(settings["seed"]).permutation(len(train_set))[:STATISTICS_ROWS]
             self.statistics = self.model.fit_statistics(batches(train_set, settings["eval_batch_size"], subset))
-            self.progress["initial"] = validation_mae(self.model, val_batches, run.device)
+            self.progress["initial"] = validation_mae(self.model, val_batches, run.device, run.world)
         self.log = run.log(LOG_FILE, LOG_FIELDS, keep_through=self.progress["step"] if resume else None,
                            tags=LOG_TAGS, formats={"seconds": ".3f"})
         if not resume:
@@ -298,18 +331,22 @@ class _Epochs:
     def parameters(self) -> Iterator[torch.nn.Parameter]:
         return self.model.parameters()
 
-    def batches(self, step: int) -> Iterator[Batch]:
+    def batches(self, step: int) -> Iterator[_Shard]:
         size, first_epoch = self.settings["batch_size"], step // self.steps_per_epoch
+        world = self.run.world
         for epoch in range(first_epoch, self.settings["epochs"]):
+            # The same order on every rank: it depends on (seed, epoch) only.
             order = epoch_order(len(self.train_set), self.settings["seed"], epoch)
             skip = (step % self.steps_per_epoch) * size if epoch == first_epoch else 0
-            for batch in batches(self.train_set, size, order[skip:]):
-                yield batch.to(self.run.device)
+            for start in range(skip, len(order), size):
+                rows = order[start : start + size]
+                (mine,) = batches(self.train_set, size, rows[shard_slice(len(rows), world)])
+                yield _Shard(mine.to(self.run.device), len(rows))
 
-    def loss(self, batch: Batch, step: int) -> torch.Tensor:
+    def loss(self, shard: _Shard, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.total_steps, self.settings)
-        model = self.model
+        model, batch = self.model, shard.batch
         learned = model(batch.z, batch.pos, batch.batch, batch.ptr)
         loss = matrix_loss(learned, model.target(batch), self.settings["loss"], model.output_scale)
         weights = EigenWeights(**self.settings["eigen_loss"])
@@ -319,7 +356,8 @@ class _Epochs:
             positions = [batch.pos[a:b] for a, b in zip(batch.ptr[:-1], batch.ptr[1:])]
             loss = loss + batch_eigen_loss(full, matrices(batch, "H"), per_atom, positions, weights,
                                            model.output_scale)
-        return loss
+        # Both terms are means over this shard's molecules: weigh them by the shard's share of the batch.
+        return loss * shard_weight(batch.num_graphs, shard.total, self.run.world)
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
         p = self.progress
@@ -330,7 +368,7 @@ class _Epochs:
         if step % self.steps_per_epoch:
             return False
         epoch = step // self.steps_per_epoch
-        val = validation_mae(self.model, self.val_batches, self.run.device)
+        val = validation_mae(self.model, self.val_batches, self.run.device, self.run.world)
         p["seconds"] = clock.seconds()
         self.log.write({"epoch": epoch, "step": step, "lr": self.optimizer.param_groups[0]["lr"],
                         "train_loss": p["loss_sum"] / p["loss_count"], "val_h_mae_ueh": val,

@@ -1,10 +1,11 @@
 """Data parallelism on torch.distributed: who this process is among the ranks torchrun started, and the few
 collectives both halves need, each a no-op when there is one process.
 
-Why one module: QH9 training wraps its model in DistributedDataParallel, MAML all-reduces a functional
-meta-gradient itself, evaluation shards molecules and gathers their scores. All of them need the same rank
-arithmetic and the same behaviour when a peer dies, so code written once runs unchanged under plain
-``metaham ...`` (one process, nothing initialised) and under ``torchrun --nproc_per_node N -m metaham ...``.
+Why one module: both training halves shard each batch and average loss and gradients through
+:meth:`World.average_gradients` (the engine's one reduction point), evaluation shards molecules and gathers
+their scores. All of them need the same rank arithmetic and the same behaviour when a peer dies, so code
+written once runs unchanged under plain ``metaham ...`` (one process, nothing initialised) and under
+``torchrun --nproc_per_node N -m metaham ...``.
 
 Backends: gloo on CPU, nccl on CUDA (each rank on ``cuda:LOCAL_RANK``).
 
@@ -69,11 +70,14 @@ class World:
     def distributed(self) -> bool:
         return self.size > 1
 
-    def average_gradients(self, parameters: Iterable[torch.Tensor]) -> None:
-        """Make each parameter's ``.grad`` the mean over the ranks (the training engine calls this between
-        ``backward()`` and the optimizer step; one process already holds the mean). A model wrapped by
-        :func:`wrap_ddp` has its gradients averaged during ``backward()`` and must not come here."""
-        all_reduce_mean_([p.grad for p in parameters], self)
+    def average_gradients(self, parameters: Iterable[torch.Tensor], loss: torch.Tensor) -> float:
+        """Make each parameter's ``.grad`` the mean over the ranks and return the mean of ``loss`` over them (the
+        training engine calls this between ``backward()`` and the optimizer step; one process already holds both).
+
+        A parameter that has no gradient on some ranks (a shard that does not reach it) counts as zero there,
+        and keeps no gradient where no rank has one -- as in one process, where the optimizer then skips it.
+        Every rank therefore reduces the same list, and the update matches one process's on the whole batch."""
+        return average_step_(list(parameters), loss, self)
 
     def device_for(self, device: torch.device | str) -> torch.device:
         """The device this rank uses for a resolved ``device``: a bare ``cuda`` means ``cuda:local_rank`` (one GPU
@@ -204,6 +208,30 @@ def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], world: World) -> No
         flat /= world.size
         for t, part in zip(group, flat.split([t.numel() for t in group])):
             t.detach().copy_(part.view_as(t))
+
+
+def average_step_(parameters: Sequence[torch.Tensor], loss: torch.Tensor, world: World) -> float:
+    """:meth:`World.average_gradients`: two collectives, one for the loss and which parameters have a gradient
+    somewhere, one (per dtype) for the gradients themselves."""
+    value = float(loss.detach())
+    if not world.distributed:
+        return value
+    device = parameters[0].device if parameters else loss.device
+    head = torch.tensor([value] + [float(p.grad is not None) for p in parameters], dtype=torch.float64, device=device)
+    with collective("all_reduce", world):
+        dist.all_reduce(head)
+    for p, somewhere in zip(parameters, head[1:].tolist()):
+        if somewhere and p.grad is None:
+            p.grad = torch.zeros_like(p)
+    all_reduce_mean_([p.grad for p in parameters], world)
+    return float(head[0]) / world.size
+
+
+def shard_weight(local: int, total: int, world: World) -> float:
+    """The factor of a rank's mean loss over ``local`` of a batch's ``total`` items such that the mean over ranks
+    of the weighted losses (what :meth:`World.average_gradients` forms) is the mean over all ``total`` items:
+    shards of unequal size (a batch of 3 on 2 ranks) must not average as equals."""
+    return local * world.size / total
 
 
 def broadcast_(tensors: Sequence[torch.Tensor], world: World, src: int = 0) -> None:

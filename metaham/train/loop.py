@@ -101,23 +101,31 @@ class LoopOutcome:
 
 
 def take_step(job: Job, batch: Any, step: int, clip_norm: float = 0.0, world: World = SINGLE_PROCESS) -> float:
-    """One optimizer step on ``batch``; returns the loss. ``FloatingPointError`` when the loss is not finite."""
+    """One optimizer step on ``batch``; returns the loss (its mean over the ranks). ``FloatingPointError`` when
+    the loss is not finite: on every rank at once, since all see the same mean."""
     loss = job.loss(batch, step)
-    value = float(loss.detach())
-    if not math.isfinite(value):
-        raise FloatingPointError(f"{job.name}: the training loss became {value} at step {step + 1}; {job.failure_hint}")
     job.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    parameters = [p for p in job.parameters() if p.grad is not None]
+    parameters = [p for p in job.parameters() if p.requires_grad]
     # This process's gradients are complete here and nothing has read them yet: the one place where a
     # data-parallel world turns each rank's shard gradients into those of the whole batch.
-    world.average_gradients(parameters)
+    value = world.average_gradients(parameters, loss)
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{job.name}: the training loss became {value} at step {step + 1}; {job.failure_hint}")
+    parameters = [p for p in parameters if p.grad is not None]
     if clip_norm:
         torch.nn.utils.clip_grad_norm_(parameters, clip_norm)
     job.optimizer.step()
     for scheduler in job.schedulers:
         scheduler.step()
     return value
+
+
+def _bar_off(progress: bool | None, world: World) -> bool | None:
+    # One bar for a run, rank 0's: N ranks drawing on one terminal would overwrite each other.
+    if not world.is_main:
+        return True
+    return None if progress is None else not progress
 
 
 def run_loop(
@@ -128,7 +136,7 @@ def run_loop(
     clock = Clock(settings.max_minutes, seconds)
     step, stopped = start_step, "steps"
     bar = tqdm(total=settings.total_steps, initial=start_step, desc=f"{job.name:>10}", unit="step", file=sys.stderr,
-               disable=None if settings.progress is None else not settings.progress, dynamic_ncols=True)
+               disable=_bar_off(settings.progress, world), dynamic_ncols=True)
     between_steps = True  # weights, optimizer state and `step` agree: an interrupt here may checkpoint
     try:
         for batch in job.batches(step):

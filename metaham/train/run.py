@@ -123,7 +123,7 @@ def start_run(
                 f"{path} already holds a run ({', '.join(existing)}); pass --resume to continue it or choose "
                 "another --out"
             )
-    device = resolve_device(config["device"])
+    device = world.device_for(resolve_device(config["device"]))  # under torchrun: one GPU per rank
     set_threads(config["threads"])
     text = yaml.safe_dump(config, sort_keys=False).encode()
     saved = path / CONFIG_FILE

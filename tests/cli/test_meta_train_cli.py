@@ -84,3 +84,18 @@ def test_bad_config_file_and_run_directory_rules(tmp_path, capsys):
     assert code == 2 and "--resume" in captured.err
     code, captured = _train(capsys, tmp_path / "run", "--resume", "--set", "model.layers=2")
     assert code == 2 and "model.layers" in captured.err
+
+
+def test_a_rank_failure_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    """Not the user's error (exit 2) nor a bug (a traceback): a peer rank died; the survivor says so in one line."""
+    from metaham.cli import meta_train
+    from metaham.train.distributed import RankFailure
+
+    def failing(args):
+        raise RankFailure("rank 0 of 2: all_reduce failed: a peer rank exited\n(RuntimeError: Connection reset)")
+
+    monkeypatch.setattr(meta_train, "run", failing)
+    assert main(["meta-train", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("metaham meta-train: error: rank failure: rank 0 of 2: all_reduce failed: a peer rank exited "
+                   "(RuntimeError: Connection reset)\n")

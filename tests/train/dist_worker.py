@@ -22,6 +22,7 @@ from metaham.train.distributed import (
     gather_objects,
     open_world,
     shard_slice,
+    shard_weight,
     wrap_ddp,
 )
 
@@ -55,9 +56,16 @@ def collectives(world) -> dict:
     shared = torch.tensor([float(world.rank) + 10.0])
     broadcast_([shared], world, src=1)
     barrier(world)
+    # The engine's reduction: `reached` has a gradient on rank 0 only, `unreached` on no rank.
+    reached, unreached = (torch.zeros(2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    if world.rank == 0:
+        reached.grad = torch.tensor([4.0, -2.0], dtype=torch.float64)
+    loss = world.average_gradients([reached, unreached], torch.tensor(float(world.rank + 1)))
     model, x, y = regression_problem()
     mine = shard_slice(BATCH, world)
     return {
+        "step": [loss, reached.grad.tolist(), unreached.grad],
+        "weights": {n: shard_weight(n, 5, world) for n in (2, 3)},
         "world": [world.rank, world.size, world.local_rank, world.backend, world.timeout_s],
         "current": [*current_world().__dict__.values()],
         "shards": {n: [shard_slice(n, world).start, shard_slice(n, world).stop] for n in (0, 1, 5, 7, 8)},

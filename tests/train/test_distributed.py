@@ -114,6 +114,9 @@ def test_two_gloo_ranks_collectives_and_ddp_match_one_process(tmp_path):
                                   "7": [[0, 4], [4, 7]][rank], "8": [[0, 4], [4, 8]][rank]}
         assert seen["mean"] == [[[1.5] * 3] * 2, [1.0]]  # (1 + 2) / 2 and (0 + 2) / 2 are exact
         assert seen["broadcast"] == [11.0]
+        # Mean loss; a gradient missing on one rank counts as zero there; none anywhere stays none.
+        assert seen["step"] == [1.5, [2.0, -1.0], None]
+        assert seen["weights"] == {"2": 0.8, "3": 1.2}  # (0.8 + 1.2) / 2 = 1: the shards' means weigh as 2 : 3
         assert seen["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert seen["gathered_at_0"] == ([0, 3] if rank == 0 else None)
         # Two half batches averaged by DDP against the full batch: equal up to float64 round-off.
