@@ -118,6 +118,20 @@ def current_world() -> World:
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
 
 
+def _import_group_defaults_first() -> None:
+    """Import ``torch.distributed.nn.functional`` while no process group exists.
+
+    Its functions take ``group=group.WORLD`` as a default argument, evaluated at import. torch imports the module
+    lazily (through torch._dynamo, on the first optimizer step or DDP), so imported after ``init_process_group``
+    its ten defaults hold the default group for good: ``destroy_process_group`` then cannot free it, gloo's worker
+    threads outlive :func:`close_world`, and one that still has to take the GIL to drop the last collective's
+    tensors when the interpreter shuts down aborts the process ("terminate called without an active exception",
+    SIGABRT after every result was written: about one run in a hundred of tests/train/dist_worker.py
+    ``collectives``). Imported first, the defaults are ``None``; freeing the group then joins its threads, with the
+    GIL released."""
+    import torch.distributed.nn.functional  # noqa: F401  (imported for the side effect above)
+
+
 def init_world(device: torch.device | str, timeout_s: float | None = None, force: bool = False) -> World:
     """Join the ranks torchrun started, or stay a single process.
 
@@ -142,6 +156,7 @@ def init_world(device: torch.device | str, timeout_s: float | None = None, force
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
     world = World(int(env["RANK"]), size, local_rank, backend, timeout)
+    _import_group_defaults_first()
     with collective("init_process_group", world):
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
     global _opened

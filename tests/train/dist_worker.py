@@ -94,14 +94,21 @@ def peer_lost(world, how: str) -> dict:
     return {"error": None}
 
 
+def threads() -> int:
+    """The number of threads of this process (Linux)."""
+    return len(os.listdir("/proc/self/task"))
+
+
 def main() -> None:
     scenario, out = sys.argv[1], Path(sys.argv[2])
     if scenario in ("exit", "stall"):
         with open_world("cpu", timeout_s=float(os.environ["TEST_TIMEOUT_S"])) as world:  # closes after a failure too
             result = peer_lost(world, scenario)
     else:
+        before = threads()
         with open_world("cpu", timeout_s=30) as world:
             result = collectives(world) if scenario == "collectives" else {"world": [world.rank, world.size]}
+        result["threads"] = [before, threads()]
     (out / f"rank{world.rank}.json").write_text(json.dumps(result))
     sys.exit(3 if result.get("error") else 0)
 

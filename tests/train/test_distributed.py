@@ -119,6 +119,9 @@ def test_two_gloo_ranks_collectives_and_ddp_match_one_process(tmp_path):
         assert seen["weights"] == {"2": 0.8, "3": 1.2}  # (0.8 + 1.2) / 2 = 1: the shards' means weigh as 2 : 3
         assert seen["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert seen["gathered_at_0"] == ([0, 3] if rank == 0 else None)
+        # close_world freed the group and joined gloo's threads, although DDP's first use imported torch._dynamo
+        # (see _import_group_defaults_first): a thread left over can abort the interpreter's exit.
+        assert seen["threads"][1] == seen["threads"][0], seen["threads"]
         # Two half batches averaged by DDP against the full batch: equal up to float64 round-off.
         for key, value in seen["ddp"].items():
             torch.testing.assert_close(float64(value), float64(alone[key]), rtol=0, atol=1e-12)
@@ -154,4 +157,5 @@ def test_two_nodes_meet_through_c10d_rendezvous(tmp_path):
     results = [finish(node) for node in nodes]
     assert all(code == 0 for code, _ in results), results
     seen = {int(p.stem[4:]): json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")}
-    assert seen == {0: {"world": [0, 2]}, 1: {"world": [1, 2]}}
+    assert {rank: ranks["world"] for rank, ranks in seen.items()} == {0: [0, 2], 1: [1, 2]}
+    assert all(ranks["threads"][1] == ranks["threads"][0] for ranks in seen.values()), seen  # group freed
