@@ -39,8 +39,9 @@ exactly invariant under rotations and reflections of the embedded vectors and tr
 Sparsity: ``tp_sparsity`` (default 0, dense) is the tensor-product gate of the blocks. Dense is the default
 because these models are tiny (a few paths, a few particles) and there e3nn-style dense products are at
 least as fast as sparse ones (measured in the nn benchmark). With ``tp_sparsity > 0`` drive the phases with
-:class:`~metaham.nn.SparsityScheduler`; in the random phase a ``vmap`` needs ``randomness="same"``, so use
-MAML's ``vmap=False`` or leave the random phase first. The pair gate is not used: it cannot run under
+:class:`~metaham.nn.SparsityScheduler` (``metaham meta-train`` does, from ``train.sparsity``); in the random
+phase a ``vmap`` needs ``randomness="same"`` (MAML's and the pre-trained baseline's have it), and evaluation
+mode (``model.eval()``) uses the kept paths instead of a draw. The pair gate is not used: it cannot run under
 ``vmap`` and there are few pairs anyway.
 
 Shapes: ``q, p`` ``(..., n, 2)``, ``edge_index`` ``(2, E)``; any leading axes (they are flattened into one

@@ -8,7 +8,8 @@ A run is configured by one YAML file validated against :data:`SCHEMA` (unknown k
     tasks: {...}                 # tasks.TaskConfig fields (K, trajectories, ground-truth integrator, dtype)
     model: {backbone: gcn, hidden: 64, layers: 2, options: {}}   # HamiltonianGNN arguments
     maml: {inner_lr: 0.3, inner_steps: 1, first_order: false, anil: false, meta_sgd: false}
-    train: {outer_steps, meta_batch, lr, loss, seed, pretrain, checkpoint_every, log_every, validate_*}
+    train: {outer_steps, meta_batch, lr, loss, seed, pretrain, checkpoint_every, log_every, validate_*,
+            sparsity: {random_steps: 300, adaptive_steps: 300}}
     device: auto
     threads: 1
 
@@ -24,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from metaham.hamiltonian import HamiltonianGNN, backbone_names
+from metaham.nn import SparseTensorProduct, SparsityScheduler
 from metaham.train import ConfigError, load_config
 from metaham.train.run import RunSpec
 from metaham.train.run import saved_config as _saved_config
@@ -55,6 +57,9 @@ SCHEMA: dict[str, Any] = {
         "validate_every": 500,
         "validate_tasks": 12,
         "validate_steps": 10,
+        # The three-phase schedule of the backbone's sparse tensor-product gates, in outer steps: used only when
+        # a gate drops paths (model.options.tp_sparsity > 0); random, then adaptive, then fixed.
+        "sparsity": {"random_steps": 300, "adaptive_steps": 300},
     },
     "device": "auto",
     "threads": 1,
@@ -97,6 +102,8 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> None:
     for key in ("outer_steps", "meta_batch", "checkpoint_every", "log_every", "validate_tasks", "validate_steps"):
         _require(train_[key] >= 1, source, f"train.{key}", ">= 1", train_[key])
     _require(train_["validate_every"] >= 0, source, "train.validate_every", ">= 0 (0: off)", train_["validate_every"])
+    for key, steps in train_["sparsity"].items():
+        _require(steps >= 0, source, f"train.sparsity.{key}", ">= 0 (outer steps)", steps)
     if train_["loss"] not in LOSSES:
         raise ConfigError(f"{source}: key 'train.loss' must be one of {', '.join(LOSSES)}, got {train_['loss']!r}")
     _require(config["threads"] >= 0, source, "threads", ">= 0 (0: torch's default)", config["threads"])
@@ -151,6 +158,16 @@ def initial_model(config: Mapping[str, Any], seed: int) -> HamiltonianGNN:
 def task_loss(config: Mapping[str, Any]) -> VectorFieldLoss:
     """The training loss of a task (``train.loss``), used by the inner and outer loops alike."""
     return VectorFieldLoss(config["train"]["loss"])
+
+
+def sparsity_scheduler(model: HamiltonianGNN, config: Mapping[str, Any]) -> SparsityScheduler | None:
+    """The scheduler of ``model``'s sparse tensor-product gates with the phases of ``train.sparsity`` (counted in
+    outer steps), or ``None`` when no gate drops paths (``model.options.tp_sparsity`` 0, or a backbone without
+    gates): a gate left undriven would stay in its random phase for the whole run."""
+    if not any(isinstance(m, SparseTensorProduct) and m.sparsity > 0 for m in model.modules()):
+        return None
+    schedule = config["train"]["sparsity"]
+    return SparsityScheduler(model, schedule["random_steps"], schedule["adaptive_steps"])
 
 
 def make_learner(kind: str, model: HamiltonianGNN, config: Mapping[str, Any]) -> MAML | Pretrain:

@@ -66,7 +66,7 @@ class TrainedRun:
         state = self.checkpoints[kind]
         model = build_model(state["config"]["model"]).to(task_config(self.config).torch_dtype)
         model.load_state_dict(state["model"])
-        return model
+        return model.eval()  # a sparse gate saved in its random phase then uses its kept paths, not a fresh draw
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -211,7 +211,7 @@ def evaluate_adaptation(
     for kind in LEARNERS:
         if kind in run.checkpoints:
             models[kind] = (run.model(kind).to(device), _protocol(run.checkpoints[kind], lr, device))
-    random_model = initial_model(config, derive_seed("random_init", seed)).to(device)
+    random_model = initial_model(config, derive_seed("random_init", seed)).to(device).eval()
     models["random"] = (random_model, {"lr": lr, "names": None})
 
     results = {}

@@ -140,6 +140,8 @@ class MAML(nn.Module):
                 losses = self.task_loss(MetaTask(*tasks[group.indices[0]]))
             else:
                 one_task = lambda s, q, graph=group.graph: self.task_loss(MetaTask(s, q, graph))  # noqa: E731
-                losses = torch.func.vmap(one_task)(group.support, group.query)
+                # randomness="same": a sparse gate in its random phase draws one path set for the whole group,
+                # as one forward pass over a batch does.
+                losses = torch.func.vmap(one_task, randomness="same")(group.support, group.query)
             total = total + losses.sum()
         return total / len(tasks)

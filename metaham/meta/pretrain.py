@@ -37,6 +37,8 @@ class Pretrain(nn.Module):
         for group in group_tasks(tasks):
             # Stacked leaves are (tasks, points, ...): pool support and query along the points axis.
             pooled = tuple(torch.cat([s, q], dim=1) for s, q in zip(group.support, group.query))
-            per_task = torch.func.vmap(lambda data: self.loss(self.model, params, data, group.graph))(pooled)
+            # randomness="same": one path set per batch from a sparse gate in its random phase (as in MAML).
+            per_task = torch.func.vmap(lambda data: self.loss(self.model, params, data, group.graph),
+                                       randomness="same")(pooled)
             total = total + per_task.sum()
         return total / len(tasks)

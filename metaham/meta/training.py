@@ -30,7 +30,7 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from metaham.train import ConfigError
-from metaham.train.checkpoint import capture_state, restore_state
+from metaham.train.checkpoint import CheckpointError, capture_state, restore_state
 from metaham.train.distributed import World, current_world, shard_slice, shard_weight
 from metaham.train.log import read_log as _read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
@@ -40,7 +40,16 @@ from tasks.cache import derive_seed
 
 from .adapt import adapt_tasks
 from .batching import MetaTask, to_meta_tasks
-from .config import LEARNERS, RUN, initial_model, make_learner, resolve_split, task_config, task_loss
+from .config import (
+    LEARNERS,
+    RUN,
+    initial_model,
+    make_learner,
+    resolve_split,
+    sparsity_scheduler,
+    task_config,
+    task_loss,
+)
 from .losses import VectorFieldLoss
 from .maml import MAML
 from .pretrain import Pretrain
@@ -145,13 +154,19 @@ class _Learner:
         self.model = initial_model(config, derive_seed("init", settings["seed"])).to(run.device)
         self.learner = make_learner(kind, self.model, config).to(run.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=settings["lr"])
-        self.schedulers: list[Any] = []  # no LR or sparsity schedule in meta-training
+        # Created before a checkpoint is restored (it sets the gates to step 0's phase; the restore then puts back
+        # the saved step, phase and kept paths). No learning-rate schedule in meta-training.
+        self.sparsity = sparsity_scheduler(self.model, config)
+        self.schedulers: list[Any] = [self.sparsity] if self.sparsity is not None else []
         self.start, self.seconds, self.last_loss = 0, 0.0, None
         self.window: list[float] = []  # outer losses since the last log row (checkpointed: the mean spans a resume)
         if resume and run.has(self.checkpoint):
             state = run.load(self.checkpoint)
             if state.get("kind") != kind:
                 raise ValueError(f"{run.path / self.checkpoint}: not a checkpoint of the {kind!r} learner")
+            if self.sparsity is not None and "sparsity" not in state:
+                raise CheckpointError(f"{run.path / self.checkpoint}: written before meta-training drove the sparse "
+                                      "gates' phases (no 'sparsity' state); start a new run")
             restore_state(state, self._parts())
             self.start, self.seconds, self.last_loss = int(state["step"]), float(state["seconds"]), state["last_loss"]
             self.window = list(state.get("window", []))
@@ -217,7 +232,8 @@ class _Learner:
         return f"loss {sum(recent) / len(recent):.4g}" if recent else ""
 
     def _parts(self) -> dict[str, Any]:
-        return {"learner": self.learner, "optimizer": self.optimizer}
+        parts = {"learner": self.learner, "optimizer": self.optimizer}
+        return parts | ({"sparsity": self.sparsity} if self.sparsity is not None else {})
 
     def _validate(self) -> float | None:
         return _validate(self.learner, self.validation, self.config, self.run.device)
@@ -241,6 +257,11 @@ def _validate(learner, validation: list[Task], config: Mapping[str, Any], device
     if isinstance(learner, MAML):
         names, lrs = learner.adapted_names, learner.learning_rates()
     steps = config["train"]["validate_steps"]
-    outcomes = adapt_tasks(model, to_meta_tasks([task.to(device) for task in validation]), steps=steps, lr=lrs,
-                           eval_at=[steps], loss=task_loss(config), metric=VectorFieldLoss("mse"), names=names)
+    # Evaluation mode: a sparse gate in its random phase uses its kept paths instead of drawing new ones.
+    model.eval()
+    try:
+        outcomes = adapt_tasks(model, to_meta_tasks([task.to(device) for task in validation]), steps=steps, lr=lrs,
+                               eval_at=[steps], loss=task_loss(config), metric=VectorFieldLoss("mse"), names=names)
+    finally:
+        model.train()
     return sum(o.query_loss[-1] for o in outcomes) / len(outcomes)

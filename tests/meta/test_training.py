@@ -114,6 +114,35 @@ def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_object
     assert any(not torch.equal(meta[name], pre[name]) for name in init)
 
 
+SPARSE = ("model.backbone=sparse_equivariant", "model.options={tp_sparsity: 0.5}",
+          "train.sparsity.random_steps=1", "train.sparsity.adaptive_steps=2")
+
+
+def test_sparse_gates_go_through_their_phases_in_outer_steps_and_resume_exactly(tmp_path, monkeypatch):
+    """With tp_sparsity > 0 the loop steps a SparsityScheduler once per outer step (random for 1 step under vmap,
+    adaptive for 2, then fixed); an interrupted run resumes with the same step, phase and kept paths."""
+    training.train(_config(*SPARSE), tmp_path / "full", progress=False)
+    _train_killed_in_step_3(_config(*SPARSE), tmp_path / "cut", monkeypatch)
+    cut = torch.load(tmp_path / "cut" / "meta.pt", weights_only=True)
+    assert int(cut["sparsity"]["steps_done"]) == 2 and int(cut["sparsity"]["phase_index"]) == 1  # adaptive
+    training.train(_config(*SPARSE), tmp_path / "cut", resume=True, progress=False)
+    for kind in meta_config.LEARNERS:
+        a = torch.load(tmp_path / "full" / f"{kind}.pt", weights_only=True)
+        b = torch.load(tmp_path / "cut" / f"{kind}.pt", weights_only=True)
+        _assert_same_state(a, b)
+        assert int(a["sparsity"]["steps_done"]) == 4 and int(a["sparsity"]["phase_index"]) == 2  # fixed
+        gates = [name[: -len(".phase_index")] for name in a["model"] if name.endswith("tp.phase_index")]
+        assert gates and all(int(a["model"][f"{g}.phase_index"]) == 2 for g in gates)
+        for g in gates:  # the kept set is the top half of the path weights the adaptive phase left
+            weights, kept = a["model"][f"{g}.path_weight"], a["model"][f"{g}.kept_mask"]
+            assert 0 < int(kept.sum()) < len(kept)
+            assert weights[kept].min() >= weights[~kept].max()
+    # Dense gates need no schedule: nothing to drive, nothing saved.
+    training.train(_config("model.backbone=sparse_equivariant", "train.pretrain=false"), tmp_path / "dense",
+                   progress=False)
+    assert "sparsity" not in torch.load(tmp_path / "dense" / "meta.pt", weights_only=True)
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -127,6 +156,8 @@ def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_object
         ("train.loss=l1", "train.loss"),
         ("split=leave_nothing", "split"),
         ("device=tpu", "device"),
+        ("train.sparsity.random_steps=-1", "train.sparsity.random_steps"),
+        ("train.sparsity.adaptive_steps=1.5", "train.sparsity.adaptive_steps"),
     ],
 )
 def test_config_errors_name_the_key(override, key):
