@@ -15,6 +15,10 @@ class UserError(Exception):
     """A failure caused by the user's input: the CLI prints its message with exit code 2."""
 
 
+class UsageError(UserError):
+    """Bad input from the user: printed as ``metaham COMMAND: error: ...`` with exit code 2."""
+
+
 class InvalidValueError(UserError, ValueError):
     """A value the user chose that is not allowed (an unknown name, a number out of range); the message names
     the value and what is allowed."""

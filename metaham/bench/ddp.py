@@ -40,7 +40,7 @@ TARGET_SCALING = 1.7
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from metaham.cli._common import positive
+    from metaham.options import positive
 
     parser.add_argument("--ranks", type=positive(int), default=2, help="ranks of the parallel side (default 2)")
     parser.add_argument("--steps", type=positive(int), default=10, help="timed optimizer steps per side (default 10)")
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
-    from metaham.cli._common import table
+    from metaham.text import table
 
     for key, batch in (("molecules", args.molecules), ("tasks", args.tasks)):
         if batch < args.ranks:
@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 
 def _qh9_problem(args: argparse.Namespace) -> dict:
-    from metaham.cli._common import UsageError
+    from metaham.errors import UsageError
     from metaham.qh9.dataset import molecule_data
     from metaham.qh9.train import DEFAULT_CONFIG, load_train_config
     from metaham.train import ConfigError

@@ -43,7 +43,7 @@ TARGET_EVAL_SPEEDUP = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from metaham.cli._common import add_device_flag, positive
+    from metaham.options import add_device_flag, positive
 
     parser.add_argument("--molecules", type=positive(int), default=8, help="distinct G2 molecules (default 8)")
     parser.add_argument("--conformers", type=positive(int), default=8, help="geometries per molecule (default 8)")
@@ -91,7 +91,7 @@ def g2_inputs(n_molecules: int, n_conformers: int, seed: int = 0) -> list[tuple]
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
-    from metaham.cli._common import resolve_device
+    from metaham.options import resolve_device
 
     device = resolve_device(args.device)
     config = _config(args)
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
 def _config(args: argparse.Namespace) -> dict:
     """The QH9 config both parts time: ``--config`` (default ``configs/qh9.yaml``) with the ``--set`` overrides."""
-    from metaham.cli._common import UsageError
+    from metaham.errors import UsageError
     from metaham.qh9.train import DEFAULT_CONFIG, load_train_config
     from metaham.train import ConfigError
 
@@ -131,7 +131,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     from torch_geometric.loader import DataLoader
 
     from metaham.bench import interleaved_median_times
-    from metaham.cli._common import table
+    from metaham.text import table
     from metaham.qh9.dataset import QH9Dataset, matrices
     from metaham.qh9.evaluate import Evaluator, evaluate_model
     from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
@@ -315,7 +315,7 @@ TARGET_TRAIN_SPEEDUP = 3.0
 def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tuple[str, dict]:
     from torch_geometric.data import Batch
 
-    from metaham.cli._common import table
+    from metaham.text import table
     from metaham.qh9.dataset import molecule_data
 
     molecules = [

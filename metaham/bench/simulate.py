@@ -42,7 +42,7 @@ SCIPY_METHODS = ("LSODA", "DOP853", "RK45")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from metaham.cli._common import add_plugin_flag, positive
+    from metaham.options import add_plugin_flag, positive
 
     parser.add_argument("--systems", nargs="+", metavar="NAME", help="systems to run (default: every registered one)")
     parser.add_argument("--n-traj", type=positive(int), default=1000, help="trajectories per system (default 1000)")
@@ -66,7 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> tuple[str, dict]:
     import systems
     from metaham.bench import interleaved_median_times
-    from metaham.cli._common import UsageError, eprint, get_system, load_plugins, table
+    from metaham.errors import UsageError
+    from metaham.options import get_system, load_plugins
+    from metaham.text import eprint, table
 
     load_plugins(getattr(args, "plugin", []))
     names = args.systems or systems.names()

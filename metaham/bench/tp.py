@@ -31,7 +31,7 @@ SETTINGS = ("edges", "sparsity", "repeats", "kept_sets", "threads", "mul", "seed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from metaham.cli._common import positive
+    from metaham.options import positive
 
     parser.add_argument("--edges", type=positive(int), default=1000, help="rows of the tensor products (default 1000)")
     parser.add_argument("--sparsity", type=float, default=0.7, help="sparsity of both gates, in [0, 1) (default 0.7)")
@@ -148,7 +148,8 @@ def _time_pair_gate(args, generator: torch.Generator) -> dict:
 
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
-    from metaham.cli._common import UsageError, table
+    from metaham.errors import UsageError
+    from metaham.text import table
     from metaham.nn.sparse_tp import check_sparsity
 
     try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 
 from metaham.atomic import check_output
+from metaham.errors import UsageError
+from metaham.options import add_device_flag, add_plugin_flag, get_system, load_plugins, positive, resolve_device
+from metaham.text import table
 
-from ._common import (
-    UsageError, add_device_flag, add_json_flag, add_plugin_flag, emit, get_system, load_plugins, positive,
-    resolve_device, table,
-)
+from ._common import add_json_flag, emit
 
 HELP = "adapt the meta-trained, pre-trained and random models to fresh tasks of a system and compare them"
 EXAMPLES = """

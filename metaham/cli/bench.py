@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args._bench is not None:
         summary, result = args._bench.run(args)
         return emit(args, summary, result)
-    summaries, results = [], {}
+    results = {}
     for name, module in discover().items():
         p = argparse.ArgumentParser()
         module.add_arguments(p)

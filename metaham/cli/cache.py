@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import UsageError, add_json_flag, emit, table
+from metaham.errors import UsageError
+from metaham.text import table
+
+from ._common import add_json_flag, emit
 
 HELP = "show the task-pool cache (files and sizes per system) or clear it"
 EXAMPLES = """

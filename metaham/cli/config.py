@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import UsageError, add_json_flag, emit, table
+from metaham.errors import UsageError
+from metaham.text import table
+
+from ._common import add_json_flag, emit
 
 HELP = "list the shipped configs and splits, or print one to copy and edit"
 EXAMPLES = """

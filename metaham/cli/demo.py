@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 from metaham.atomic import check_output
+from metaham.errors import UsageError
+from metaham.text import table
 
-from ._common import UsageError, add_json_flag, emit, table
+from ._common import add_json_flag, emit
 
 HELP = "run the main job on built-in defaults: simulate every system, meta-train and adapt, a small QH9 run"
 EXAMPLES = """

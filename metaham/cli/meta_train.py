@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import (
-    UsageError, add_json_flag, add_plugin_flag, emit, eprint, load_plugins, resolve_device, table,
-)
+from metaham.errors import UsageError
+from metaham.options import add_plugin_flag, load_plugins, resolve_device
+from metaham.text import eprint, table
+
+from ._common import add_json_flag, emit
 
 HELP = "meta-train a HamiltonianGNN with MAML (and the pre-trained baseline) on the training systems of a split"
 EXAMPLES = """

@@ -4,8 +4,11 @@ from __future__ import annotations
 import argparse
 
 from metaham.atomic import check_output
+from metaham.errors import UsageError
+from metaham.options import add_device_flag, positive, resolve_device
+from metaham.text import eprint, table
 
-from ._common import UsageError, add_device_flag, add_json_flag, emit, eprint, positive, resolve_device, table
+from ._common import add_json_flag, emit
 
 HELP = (
     "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines, "

@@ -5,12 +5,10 @@ import argparse
 import time
 
 from metaham.atomic import atomic_output, check_output
-from metaham.errors import NonFiniteError
+from metaham.errors import NonFiniteError, UsageError
+from metaham.options import add_device_flag, add_plugin_flag, get_system, load_plugins, positive, resolve_device
 
-from ._common import (
-    UsageError, add_device_flag, add_json_flag, add_plugin_flag, emit, get_system, load_plugins,
-    parse_key_values, positive, resolve_device,
-)
+from ._common import add_json_flag, emit, parse_key_values
 
 HELP = "simulate trajectories of a system; write t, q, p, parameters and energies (.npz) and a plot"
 EXAMPLES = """

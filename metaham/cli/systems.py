@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from ._common import add_json_flag, add_plugin_flag, emit, get_system, load_plugins, table
+from metaham.options import add_plugin_flag, get_system, load_plugins
+from metaham.text import table
+
+from ._common import add_json_flag, emit
 
 HELP = "list the physical systems: particles, dimension, parameters with defaults and sampling ranges"
 EXAMPLES = """

@@ -37,3 +37,21 @@ def test_every_subcommand_has_help_with_examples(command, capsys):
     text = capsys.readouterr().out
     assert "examples:" in text
     assert "metaham " + command.split()[0] in text
+
+
+def test_nothing_outside_the_cli_imports_it():
+    """The CLI parses and prints; the package (benchmarks included) never imports it, at any depth of a module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    offenders = []
+    for path in [*(root / "metaham").rglob("*.py"), *(root / "systems").rglob("*.py"), *(root / "tasks").rglob("*.py")]:
+        if "cli" in path.relative_to(root).parts or path.name == "__main__.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n == "metaham.cli" or n.startswith("metaham.cli.")]
+    assert not offenders, offenders

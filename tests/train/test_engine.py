@@ -86,7 +86,8 @@ def test_resolve_device_and_threads():
 
 
 def test_cli_device_errors_are_usage_errors():
-    from metaham.cli._common import UsageError, resolve_device as cli_device
+    from metaham.errors import UsageError
+    from metaham.options import resolve_device as cli_device
 
     with pytest.raises(UsageError, match="^--device 'tpu'"):
         cli_device("tpu")
