@@ -13,6 +13,7 @@ from metaham.errors import UsageError
 
 
 def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    """``--plugin PATH.py`` (repeatable): files that register extra systems; load them with :func:`load_plugins`."""
     parser.add_argument(
         "--plugin",
         action="append",
@@ -41,6 +42,7 @@ def get_system(name: str):
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (default ``auto``); turn it into a device with :func:`resolve_device`."""
     parser.add_argument(
         "--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda or cuda:N (default: auto)"
     )

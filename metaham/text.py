@@ -23,4 +23,5 @@ def table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> str:
 
 
 def eprint(*a: Any) -> None:
+    """Print to stderr, flushed: progress and notes, so that stdout holds only the summary and the JSON line."""
     print(*a, file=sys.stderr, flush=True)
