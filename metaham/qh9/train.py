@@ -49,12 +49,14 @@ from torch_geometric.data import Batch
 
 from metaham.train import ConfigError, load_config
 from metaham.train.checkpoint import capture_state, restore_state
-from metaham.train.distributed import World, all_gather_objects, current_world, shard_slice, shard_weight
+from metaham.train.distributed import (
+    World, all_gather_objects, balanced_shards, current_world, shard_slice, shard_weight,
+)
 from metaham.train.log import read_log as _read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
 from metaham.train.run import Run, RunSpec, start_run
 
-from .data import batches, epoch_order, make_dataset, open_data, split_positions
+from .data import batches, epoch_order, make_dataset, open_data, split_positions, step_cost
 from .dataset import QH9Dataset, matrices
 from .eigen_loss import EigenWeights, batch_eigen_loss
 from .model import CHECKPOINT_FORMAT, QH9Model, build_model
@@ -296,6 +298,9 @@ class _Epochs:
         self.run, self.config, self.settings = run, config, settings
         self.train_set, self.val_batches = train_set, val_batches
         self.steps_per_epoch = math.ceil(len(train_set) / settings["batch_size"])
+        # Each molecule's step cost, to give the ranks shards of equal cost (one process takes the whole batch).
+        n_atoms = train_set.file.catalog().n_atoms[train_set.positions] if run.world.distributed else None
+        self.costs = None if n_atoms is None else step_cost(n_atoms)
         self.total_steps = settings["epochs"] * self.steps_per_epoch
         torch.manual_seed(settings["seed"])
         self.model = build_model(config["model"]).to(run.device)
@@ -340,8 +345,12 @@ class _Epochs:
             skip = (step % self.steps_per_epoch) * size if epoch == first_epoch else 0
             for start in range(skip, len(order), size):
                 rows = order[start : start + size]
-                (mine,) = batches(self.train_set, size, rows[shard_slice(len(rows), world)])
-                yield _Shard(mine.to(self.run.device), len(rows))
+                if self.costs is not None:
+                    mine = rows[balanced_shards(self.costs[rows].tolist(), world.size)[world.rank]]
+                else:
+                    mine = rows
+                (batch,) = batches(self.train_set, size, mine)
+                yield _Shard(batch.to(self.run.device), len(rows))
 
     def loss(self, shard: _Shard, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:

@@ -206,6 +206,24 @@ def shard_slice(n: int, world: World) -> slice:
     return slice(start, start + base + (world.rank < extra))
 
 
+def balanced_shards(costs: Sequence[float], size: int) -> list[list[int]]:
+    """Split items of the given ``costs`` into ``size`` shards of nearly equal total cost: the positions each
+    rank takes (rank ``k``: entry ``k``), each list in increasing order.
+
+    A data-parallel step lasts as long as its slowest rank, and molecules differ several-fold in cost, so
+    contiguous shards of a shuffled batch leave ranks waiting on each other. Greedy longest-first: each item,
+    costliest first (ties by position), goes to the rank with the least cost so far (ties: fewer items, then
+    the lower rank). A function of ``costs`` alone, so every rank computes the same split without talking.
+    With at least ``size`` items of positive cost every rank gets one at least. One process takes all."""
+    shards: list[list[int]] = [[] for _ in range(size)]
+    loads = [0.0] * size
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        k = min(range(size), key=lambda r: (loads[r], len(shards[r]), r))
+        shards[k].append(i)
+        loads[k] += costs[i]
+    return [sorted(shard) for shard in shards]
+
+
 def all_reduce_mean_(tensors: Sequence[torch.Tensor | None], world: World) -> None:
     """Average floating-point ``tensors`` over the ranks, in place (``None`` entries, e.g. parameters without a
     gradient, are skipped). Tensors of one dtype and device travel in one flat buffer: one collective, not one

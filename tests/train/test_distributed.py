@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ from metaham.train.distributed import (
     World,
     all_gather_objects,
     all_reduce_mean_,
+    balanced_shards,
     collective,
     init_world,
     shard_slice,
@@ -72,6 +74,26 @@ def test_shard_slice_covers_every_index_once_in_rank_order():
             assert [i for p in parts for i in range(n)[p]] == list(range(n))
             lengths = [p.stop - p.start for p in parts]
             assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True)
+
+
+def test_balanced_shards_cover_every_item_once_and_balance_the_cost():
+    rng = np.random.default_rng(0)
+    for n in range(1, 30):
+        for size in range(1, 5):
+            costs = rng.integers(4, 30, n) ** 2 + 6.0
+            shards = balanced_shards(costs.tolist(), size)
+            assert len(shards) == size and sorted(i for s in shards for i in s) == list(range(n))
+            assert all(s == sorted(s) for s in shards)
+            loads = [costs[s].sum() for s in shards]
+            if n >= size:
+                assert all(shards)
+                # Greedy longest-first: the heaviest shard exceeds the lightest by at most one item's cost.
+                assert max(loads) - min(loads) <= costs.max()
+    assert balanced_shards([9.0, 1.0, 1.0, 1.0, 4.0], 2) == [[0], [1, 2, 3, 4]]
+    assert balanced_shards([1.0, 2.0, 3.0], 1) == [[0, 1, 2]]
+    # A contiguous split of the same batch leaves one rank 3x the other's work.
+    costs = [9.0, 8.0, 7.0, 1.0, 2.0, 3.0]
+    assert [sum(costs[i] for i in s) for s in balanced_shards(costs, 2)] == [15.0, 15.0]
 
 
 def test_single_process_initialises_nothing(monkeypatch):
