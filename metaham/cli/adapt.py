@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     }[result["split_role"]]
     summary = (
         f"{args.system} ({where}), K={args.shots}, {args.steps} steps, {result['tasks']} tasks, "
-        f"backbone {result['backbone']}\n"
+        f"backbone {result['backbone']}, task scale {result['task_scale']}\n"
         + table(rows, header)
         + "".join(f"\n{name}: SGD diverged on {n} of {result['tasks']} tasks (their MSE is inf/nan, so is the mean)"
                   for name, n in diverged.items())

@@ -8,7 +8,7 @@ A run is configured by one YAML file validated against :data:`SCHEMA` (unknown k
     tasks: {...}                 # tasks.TaskConfig fields (K, trajectories, ground-truth integrator, dtype)
     model: {backbone: gcn, hidden: 64, layers: 2, options: {}}   # HamiltonianGNN arguments
     maml: {inner_lr: 0.3, inner_steps: 1, first_order: false, anil: false, meta_sgd: false}
-    train: {outer_steps, meta_batch, lr, loss, seed, pretrain, checkpoint_every, log_every, validate_*,
+    train: {outer_steps, meta_batch, lr, loss, task_scale, seed, pretrain, checkpoint_every, log_every, validate_*,
             sparsity: {random_steps: 300, adaptive_steps: 300}}
     device: auto
     threads: 1
@@ -31,6 +31,7 @@ from metaham.train.run import RunSpec
 from metaham.train.run import saved_config as _saved_config
 from tasks import Split, TaskConfig, load_split
 
+from .batching import TASK_SCALES
 from .losses import LOSSES, VectorFieldLoss
 from .maml import MAML
 from .pretrain import Pretrain
@@ -50,6 +51,9 @@ SCHEMA: dict[str, Any] = {
         "meta_batch": 10,
         "lr": 5e-4,
         "loss": "logcosh",
+        # The unit of each task's vector field in the inner loop, the outer loop, validation and adaptation
+        # (metaham.meta.batching.task_scales): none, or support_rms (each task's own support-set RMS).
+        "task_scale": "none",
         "seed": 0,
         "pretrain": True,
         "checkpoint_every": 250,
@@ -106,6 +110,9 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> None:
         _require(steps >= 0, source, f"train.sparsity.{key}", ">= 0 (outer steps)", steps)
     if train_["loss"] not in LOSSES:
         raise ConfigError(f"{source}: key 'train.loss' must be one of {', '.join(LOSSES)}, got {train_['loss']!r}")
+    if train_["task_scale"] not in TASK_SCALES:
+        raise ConfigError(f"{source}: key 'train.task_scale' must be one of {', '.join(TASK_SCALES)}, "
+                          f"got {train_['task_scale']!r}")
     _require(config["threads"] >= 0, source, "threads", ">= 0 (0: torch's default)", config["threads"])
     device = config["device"]
     if device != "auto":

@@ -41,7 +41,7 @@ from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
 from .adapt import adapt_tasks
-from .batching import to_meta_tasks
+from .batching import task_scales, to_meta_tasks
 from .losses import VectorFieldLoss
 from .metrics import energy_relative_error, geometric_mean, rollout_relative_error
 from .config import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, resolve_split, saved_config, task_config, task_loss
@@ -214,21 +214,26 @@ def evaluate_adaptation(
     random_model = initial_model(config, derive_seed("random_init", seed)).to(device).eval()
     models["random"] = (random_model, {"lr": lr, "names": None})
 
+    # Every model adapts in the tasks' units of train.task_scale (1 unless the run trained that way); MSEs and
+    # rollouts are mapped back to the raw field, so runs with and without the units compare on one footing.
+    scales = task_scales(tasks, config["train"]["task_scale"])
     results = {}
     bar = tqdm(total=len(models), desc="adapting", unit="model",
                disable=None if progress is None else not progress)
     for name, (model, protocol) in models.items():
-        outcomes = adapt_tasks(model, to_meta_tasks(tasks), steps=steps, lr=protocol["lr"], loss=task_loss(config),
-                               metric=VectorFieldLoss("mse"), names=protocol["names"], backtrack=backtrack)
-        curves, adapted = [o.query_loss for o in outcomes], [o.params for o in outcomes]
-        q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph)
+        outcomes = adapt_tasks(model, to_meta_tasks(tasks, scales), steps=steps, lr=protocol["lr"],
+                               loss=task_loss(config), metric=VectorFieldLoss("mse"), names=protocol["names"],
+                               backtrack=backtrack)
+        curves = torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64) * scales.cpu()[:, None] ** 2
+        adapted = [o.params for o in outcomes]
+        q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph, scales)
         truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
         truth_p = torch.stack([t.rollouts.p for t in tasks])
         energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(len(tasks))])
         state = run.checkpoints.get(name)
         bar.update(1)
         results[name] = ModelResult(
-            curves=torch.tensor(curves, dtype=torch.float64),
+            curves=curves,
             rollout_errors=rollout_relative_error(truth_q, truth_p, q_pred, p_pred).cpu(),
             energy_errors=energy_relative_error(energy.detach()).cpu(),
             diverged=diverged,
@@ -246,6 +251,7 @@ def evaluate_adaptation(
         + (f"full-batch SGD at lr {lr:g}, a step that does not lower the support loss halved up to {backtrack} "
            "times and skipped if none does" if backtrack else f"plain full-batch SGD at lr {lr:g}")
         + f" (loss: {config['train']['loss']}"
+        + (", each task's targets in units of its support RMS" if config["train"]["task_scale"] == "support_rms" else "")
         + (", meta model: its learned Meta-SGD rates" if config["maml"]["meta_sgd"] else "")
         + (", meta model: read-out only (ANIL)" if config["maml"]["anil"] else "")
         + f"); vf_mse: vector-field MSE on {k_query} query points, mean over {len(tasks)} tasks of fresh "
@@ -264,6 +270,7 @@ def evaluate_adaptation(
         "rollout": {"steps": n_steps, "t_end": float(t[-1]), "per_task": r, "integrator": ROLLOUT_METHOD},
         "run": str(run.run_dir),
         "backbone": config["model"]["backbone"],
+        "task_scale": config["train"]["task_scale"],
         "seconds": time.perf_counter() - started,
     }
     query_power = torch.stack([torch.cat([t.query.dq, t.query.dp], dim=-1).double().pow(2).mean() for t in tasks])
@@ -305,8 +312,10 @@ def _protocol(state: Mapping[str, Any], lr: float, device: torch.device) -> dict
     return {"lr": lr, "names": saved["names"]}
 
 
-def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: list[Task], graph: Tensor):
-    """Roll out each task's adapted H from its rollouts' initial states on their time grid.
+def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: list[Task], graph: Tensor,
+              scales: Tensor):
+    """Roll out each task's adapted H, times its task scale (the model learned H in those units), from its
+    rollouts' initial states on their time grid.
 
     Returns ``q, p`` ``(N, R, T, n, 2)`` and the number of trajectories whose integration failed (their states are
     NaN, which the metrics count as the worst error). All tasks with finite adapted weights run as one batch
@@ -316,6 +325,7 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     q0 = torch.stack([task.rollouts.q[:, 0] for task in tasks])  # (N, R, n, 2)
     p0 = torch.stack([task.rollouts.p[:, 0] for task in tasks])
     stacked = {name: torch.stack([params[name] for params in adapted]) for name in adapted[0]}
+    units = scales.to(q0)
     shape = (len(tasks), q0.shape[1], t.numel(), *q0.shape[2:])
     q = torch.full(shape, float("nan"), dtype=q0.dtype, device=q0.device)
     p = q.clone()
@@ -324,25 +334,30 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     rows = finite.nonzero().flatten().tolist()
     try:
         if rows:
-            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()}, q0[rows], p0[rows], t, graph)
+            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()}, units[rows], q0[rows],
+                                          p0[rows], t, graph)
     except RuntimeError:
         for i in rows:  # one runaway model spoils only its own rollouts
             try:
-                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()}, q0[[i]], p0[[i]], t, graph)
+                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()}, units[[i]], q0[[i]],
+                                            p0[[i]], t, graph)
             except RuntimeError:
                 pass
     diverged = int((~torch.isfinite(q).flatten(2).all(2)).sum())
     return q, p, diverged
 
 
-def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], q0: Tensor, p0: Tensor, t: Tensor, graph: Tensor):
-    """Implicit-midpoint rollouts of a batch of adapted models: ``q0, p0`` ``(N, R, n, 2)`` -> ``(N, R, T, n, 2)``."""
-    def one_model(params, q, p):
-        return model.vector_field(q, p, graph, params=params)
+def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], units: Tensor, q0: Tensor, p0: Tensor, t: Tensor,
+               graph: Tensor):
+    """Implicit-midpoint rollouts of a batch of adapted models, model ``i``'s field times ``units[i]`` (a
+    constant multiple of H: still Hamiltonian): ``q0, p0`` ``(N, R, n, 2)`` -> ``(N, R, T, n, 2)``."""
+    def one_model(params, unit, q, p):
+        dq, dp = model.vector_field(q, p, graph, params=params)
+        return dq * unit, dp * unit
 
     field = torch.func.vmap(one_model)
     with torch.no_grad():
-        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, q_, p_), q0, p0, t, method=ROLLOUT_METHOD)
+        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, units, q_, p_), q0, p0, t, method=ROLLOUT_METHOD)
     if not (torch.isfinite(q).all() and torch.isfinite(p).all()):
         raise RuntimeError("rollout left the finite numbers")
     return q.movedim(0, 2), p.movedim(0, 2)

@@ -39,7 +39,7 @@ from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
 from .adapt import adapt_tasks
-from .batching import MetaTask, to_meta_tasks
+from .batching import MetaTask, task_scales, to_meta_tasks
 from .config import (
     LEARNERS,
     RUN,
@@ -197,8 +197,8 @@ class _Learner:
                                               num_batches=max(0, total - step))
 
     def loss(self, batch: list[Task], step: int) -> torch.Tensor:
-        mine = batch[shard_slice(len(batch), self.run.world)]
-        tasks: MetaTask = to_meta_tasks([task.to(self.run.device) for task in mine])
+        mine = [task.to(self.run.device) for task in batch[shard_slice(len(batch), self.run.world)]]
+        tasks: list[MetaTask] = to_meta_tasks(mine, task_scales(mine, self.settings["task_scale"]))
         return self.learner.meta_loss(tasks) * shard_weight(len(mine), len(batch), self.run.world)
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
@@ -250,7 +250,8 @@ def _adapt_protocol(kind: str, learner: MAML | Pretrain, config: Mapping[str, An
 
 
 def _validate(learner, validation: list[Task], config: Mapping[str, Any], device: torch.device) -> float | None:
-    """Mean query vector-field MSE of held-in tasks after ``train.validate_steps`` SGD steps at the inner lr."""
+    """Mean query vector-field MSE of held-in tasks after ``train.validate_steps`` SGD steps at the inner lr, in
+    the tasks' own units (the model adapts in the units of ``train.task_scale``; its MSE is mapped back)."""
     if not validation:
         return None
     model, names, lrs = learner.model, None, config["maml"]["inner_lr"]
@@ -260,8 +261,10 @@ def _validate(learner, validation: list[Task], config: Mapping[str, Any], device
     # Evaluation mode: a sparse gate in its random phase uses its kept paths instead of drawing new ones.
     model.eval()
     try:
-        outcomes = adapt_tasks(model, to_meta_tasks([task.to(device) for task in validation]), steps=steps, lr=lrs,
+        tasks = [task.to(device) for task in validation]
+        scales = task_scales(tasks, config["train"]["task_scale"])
+        outcomes = adapt_tasks(model, to_meta_tasks(tasks, scales), steps=steps, lr=lrs,
                                eval_at=[steps], loss=task_loss(config), metric=VectorFieldLoss("mse"), names=names)
     finally:
         model.train()
-    return sum(o.query_loss[-1] for o in outcomes) / len(outcomes)
+    return sum(o.query_loss[-1] * float(s) ** 2 for o, s in zip(outcomes, scales)) / len(outcomes)

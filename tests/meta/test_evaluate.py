@@ -123,7 +123,7 @@ def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
 
     params = {name: value.detach() for name, value in model.named_parameters()}
     diverged = {name: value * float("nan") for name, value in params.items()}
-    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1))
+    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1), torch.ones(3))
     assert q.shape == (3, 2, 11, 1, 2) and count == 2
     assert torch.isfinite(q[[0, 2]]).all() and torch.isnan(q[1]).all()
     rollouts = task().rollouts
@@ -140,3 +140,90 @@ def test_normalised_mse_divides_each_task_by_the_power_of_its_own_targets():
     models = report.to_dict()["models"]["meta"]
     assert models["vf_mse"] == {"0": 22.0, "1": 11.0}  # the raw mean is dominated by the large task
     assert models["vf_nmse"] == {"0": 2.0, "1": 1.0} == models["vf_nmse_median"]  # both tasks count alike
+
+
+def _phase_task(system: str, support_scale: float, query_scale: float, t=None):
+    from tasks import PhasePoints, Rollouts, Task
+
+    g = torch.Generator().manual_seed(0)
+    q, p = torch.randn(2, 11, 1, 2, generator=g, dtype=torch.float64), torch.randn(2, 11, 1, 2, generator=g, dtype=torch.float64)
+    support = PhasePoints(q[0, :4], p[0, :4], support_scale * q[1, :4], support_scale * p[1, :4])
+    query = PhasePoints(q[0, 4:8], p[0, 4:8], query_scale * q[1, 4:8], query_scale * p[1, 4:8])
+    t = torch.linspace(0, 1, 11, dtype=torch.float64) if t is None else t
+    return Task(system, {}, support, query, Rollouts(t, q, p))
+
+
+def test_task_scales_put_each_task_in_units_of_its_support_rms():
+    from metaham.meta import task_scales, to_meta_tasks
+
+    tasks = [_phase_task("mass_spring", 1.0, 1.0), _phase_task("mass_spring", 30.0, 20.0), _phase_task("pendulum", 0.0, 1.0)]
+    assert torch.equal(task_scales(tasks, "none"), torch.ones(3, dtype=torch.float64))
+    scales = task_scales(tasks, "support_rms")
+    assert scales[1] == pytest.approx(30 * float(scales[0]), rel=1e-12)
+    assert scales[2] == 1.0  # an all-zero support set keeps the raw unit
+    scaled = to_meta_tasks(tasks, scales)
+    for task, meta, s in zip(tasks[:2], scaled[:2], scales[:2]):
+        support = torch.cat([meta.support[2], meta.support[3]], dim=-1)
+        assert support.pow(2).mean().sqrt() == pytest.approx(1.0, rel=1e-12)
+        torch.testing.assert_close(meta.query[2] * s, task.query.dq, rtol=1e-14, atol=0)  # the support's unit
+        assert meta.support[0] is task.support.q and meta.query[1] is task.query.p  # states are not rescaled
+    plain = to_meta_tasks(tasks, task_scales(tasks, "none"))
+    assert all(m.support[2] is t.support.dq for m, t in zip(plain, tasks))
+    with pytest.raises(ValueError, match="unknown task scale 'rms'"):
+        task_scales(tasks, "rms")
+
+
+def test_a_scaled_rollout_is_the_unit_field_run_for_scaled_time():
+    """A task's model field times s, on the time grid t, is the plain field on the grid s t: the implicit
+    midpoint step x1 = x0 + h s f((x0 + x1) / 2) is the step of size s h of f."""
+    from metaham.hamiltonian import HamiltonianGNN, edge_index
+    from metaham.meta.evaluate import _rollouts
+
+    torch.manual_seed(0)
+    model = HamiltonianGNN(hidden=8, layers=1).double()
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    scaled_q, scaled_p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
+                                      torch.tensor([2.5], dtype=torch.float64))
+    q, p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, 2.5 * t)], edge_index(1), torch.ones(1))
+    torch.testing.assert_close(scaled_q, q, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(scaled_p, p, rtol=1e-9, atol=1e-11)
+    assert not torch.allclose(scaled_q, _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
+                                                  torch.ones(1))[0])
+
+
+def test_a_run_in_task_units_reports_raw_mse(tmp_path, monkeypatch):
+    from metaham.hamiltonian import system_edge_index
+    from metaham.meta import task_scales
+    from metaham.meta.config import initial_model
+    from tasks.cache import derive_seed
+
+    monkeypatch.setenv("METAHAM_CACHE", str(tmp_path / "cache"))
+    config = load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1", "train.task_scale=support_rms"])
+    training.train(config, tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert run.config["train"]["task_scale"] == "support_rms"
+    # The outer loop trained in task units: the same run in raw units ends elsewhere from the same start.
+    training.train(load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1"]), tmp_path / "raw",
+                   progress=False)
+    raw_run = load_run(tmp_path / "raw")
+    for kind in ("meta", "pretrained"):
+        ours, theirs = run.checkpoints[kind]["model"], raw_run.checkpoints[kind]["model"]
+        assert any(not torch.equal(ours[name], theirs[name]) for name in ours)
+    report = evaluate_adaptation(run, "pendulum", shots=8, steps=2, n_tasks=3, seed=1, progress=False)
+    assert report.info["task_scale"] == "support_rms" and "support RMS" in report.protocol
+    # Step 0 of the random model by hand: its field in task units, times the unit, against the raw targets.
+    tasks = _fresh_tasks(run, "pendulum", 8, 3, 1, None, False)
+    scales = task_scales(tasks, "support_rms")
+    assert not torch.allclose(scales, torch.ones(3, dtype=torch.float64))
+    model = initial_model(config, derive_seed("random_init", 1))
+    graph = system_edge_index(systems.get("pendulum"))
+    for i, task in enumerate(tasks):
+        dq, dp = model.vector_field(task.query.q, task.query.p, graph)
+        raw = torch.cat([scales[i] * dq - task.query.dq, scales[i] * dp - task.query.dp], dim=-1).pow(2).mean()
+        # float32 tasks: the evaluation forms the MSE in task units, then multiplies by the unit squared.
+        assert float(report.results["random"].curves[i, 0]) == pytest.approx(float(raw.detach()), rel=1e-5)
+    # Without the units the same model's step-0 error differs: the check above would catch an unscaled field.
+    dq, dp = model.vector_field(tasks[0].query.q, tasks[0].query.p, graph)
+    unscaled = torch.cat([dq - tasks[0].query.dq, dp - tasks[0].query.dp], dim=-1).pow(2).mean()
+    assert float(report.results["random"].curves[0, 0]) != pytest.approx(float(unscaled.detach()), rel=1e-2)

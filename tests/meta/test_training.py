@@ -154,6 +154,7 @@ def test_sparse_gates_go_through_their_phases_in_outer_steps_and_resume_exactly(
         ("tasks.k_support=0", "k_support"),
         ("tasks.dtype=float16", "dtype"),
         ("train.loss=l1", "train.loss"),
+        ("train.task_scale=rms", "train.task_scale"),
         ("split=leave_nothing", "split"),
         ("device=tpu", "device"),
         ("train.sparsity.random_steps=-1", "train.sparsity.random_steps"),
