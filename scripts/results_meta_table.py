@@ -2,8 +2,9 @@
 
     python scripts/results_meta_table.py runs/results_meta --out docs/results_meta.md
 
-Reads RUN_ROOT/<backbone>/leave_<system>/{config.yaml, train.json, adapt.json} for every backbone present,
-and labels any departure from the shipped configs and the issue's protocol (K = 50, 50 steps, >= 20 tasks).
+Reads RUN_ROOT/<backbone>/leave_<system>/{config.yaml, train.json, adapt.json, unseen_<law>.json} for every
+backbone present, and labels any departure from the shipped configs and the issue's protocol (K = 50, 50 steps,
+>= 20 tasks).
 """
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ CHOICE = (
     "stable on all four systems at lr 0.3 and 0.5. The shipped configs therefore use log-cosh with inner and "
     "adaptation lr 0.3 (on small residuals the same step as MSE at lr 0.15) for every split; this was decided "
     "from the data scales and random-init stability, not from a meta-trained comparison on a held-out system."
+)
+TASK_UNITS = (
+    "every task's targets are divided by the RMS of its own support targets (`train.task_scale = support_rms`) in "
+    "the inner and outer loops, validation and adaptation, for the meta-trained, pre-trained and random models "
+    "alike; every error below is in raw units (the task-unit MSE times the unit squared; rollouts integrate the "
+    "model's field times the unit). Chosen from the training systems' scales (25-100x apart, see above), as the "
+    "issue proposed, before any run with it; compare with the raw-unit runs of docs/results_meta.md."
 )
 SAFEGUARD = (
     "With plain SGD the first full run (gcn, this log-cosh protocol) still diverged on 1 of 20 pendulum tasks for the "
@@ -82,6 +90,8 @@ def _collect(root: Path) -> list[dict]:
                     "train": json.loads((run_dir / "train.json").read_text()),
                     "adapt": json.loads((run_dir / "adapt.json").read_text()),
                     "extra": {f.stem: json.loads(f.read_text()) for f in sorted(run_dir.glob("adapt_*.json"))},
+                    "unseen": {f.stem.removeprefix("unseen_"): json.loads(f.read_text())
+                               for f in sorted(run_dir.glob("unseen_*.json"))},
                 }
             )
     return runs
@@ -134,6 +144,7 @@ def _markdown(runs: list[dict], args) -> str:
         "- Hyper-parameters are the shipped configs' (`configs/meta_train_leave_<system>.yaml`); nothing was tuned "
         "on a held-out system.",
         f"- Loss and learning rate: {CHOICE}",
+        *([f"- Task units: {TASK_UNITS}"] if cfg["train"]["task_scale"] != "none" else []),
         f"- Adaptation safeguard: {SAFEGUARD}",
         "",
         f"## Query vector-field MSE after n SGD steps of adaptation, rollout and energy errors after {steps} steps",
@@ -165,11 +176,14 @@ def _markdown(runs: list[dict], args) -> str:
         "",
         "## Expected order after 10 steps: meta < pre-trained < random",
         "",
-        "| held-out system | backbone | mean MSE@10 meta / pre-trained / random | meta < pre-trained < random "
-        "(means) | same, medians over tasks | pre-trained / meta (means) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "NMSE: each task's MSE over the mean square of its query targets (1: the error of a zero field), so that "
+        "tasks of different scale count alike.",
+        "",
+        ORDER_HEADER.format(what="held-out system"),
+        "| --- | --- | --- | --- | --- | --- | --- |",
         *order_rows,
         "",
+        *_unseen_section(runs),
         *_extra_section(runs, keys),
         "## Cost (seconds of one process, one torch thread)",
         "",
@@ -268,11 +282,38 @@ def _extra_section(runs: list[dict], keys: list[str]) -> list[str]:
     ]
 
 
+ORDER_HEADER = ("| {what} | backbone | mean MSE@10 meta / pre-trained / random | meta < pre-trained < random (means) "
+                "| same, medians over tasks | pre-trained / meta (means) | mean NMSE@10 meta / pre-trained / random |")
+
+
+def _unseen_section(runs: list[dict]) -> list[str]:
+    """The same checkpoints adapted to laws that no split trains on (files unseen_<law>.json)."""
+    rows = [_order_row(f"{name} (leave_{run['system']})", run["backbone"], result["models"])
+            for run in runs for name, result in run["unseen"].items()]
+    if not rows:
+        return []
+    first = next(result for run in runs for result in run["unseen"].values())
+    return [
+        "## Laws that no split trains on: the order after 10 steps",
+        "",
+        "Each leave-one-out checkpoint above, adapted with the same protocol (K = "
+        f"{first['shots']}, {first['steps']} steps, {first['tasks']} tasks) to `three_body` (3-body gravity, from "
+        "the multi-particle split) and to the plugin systems of `examples/` (`duffing`, `morse_dimer`), which no "
+        "split names.",
+        "",
+        ORDER_HEADER.format(what="law (checkpoint)"),
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *rows,
+        "",
+    ]
+
+
 def _order_row(system: str, backbone: str, models: dict) -> str:
     if not all(name in models for name in MODELS):
-        return f"| {system} | {backbone} | n/a | n/a | n/a | n/a |"
+        return f"| {system} | {backbone} | n/a | n/a | n/a | n/a | n/a |"
     means = [models[name]["vf_mse"].get("10") for name in MODELS]
     medians = [models[name]["vf_mse_median"].get("10") for name in MODELS]
+    normalised = [models[name].get("vf_nmse", {}).get("10") for name in MODELS]
 
     def ordered(values):
         if None in values:
@@ -281,7 +322,7 @@ def _order_row(system: str, backbone: str, models: dict) -> str:
 
     ratio = f"{means[1] / means[0]:.2f}" if None not in means[:2] else "n/a"
     return (f"| {system} | {backbone} | {' / '.join(_fmt(v) for v in means)} | {ordered(means)} | "
-            f"{ordered(medians)} | {ratio} |")
+            f"{ordered(medians)} | {ratio} | {' / '.join(_fmt(v) for v in normalised)} |")
 
 
 def _departures(runs: list[dict], args) -> str:
