@@ -45,8 +45,9 @@ TASK_UNITS = (
     "issue proposed, before any run with it; compare with the raw-unit runs of docs/results_meta.md."
 )
 SAFEGUARD = (
-    "With plain SGD the first full run (gcn, this log-cosh protocol) still diverged on 1 of 20 pendulum tasks for the "
-    "meta-trained model and 3 of 20 for the pre-trained one (the plain_sgd rows below; at lr 0.1 too: 1 and 2). "
+    "With plain SGD the first full run (gcn, this log-cosh protocol, 2026-11-26) still diverged on 1 of 20 pendulum "
+    "tasks for the meta-trained model and 3 of 20 for the pre-trained one (at lr 0.1 too: 1 and 2); the plain_sgd rows "
+    "below re-run plain SGD on the current checkpoints. "
     "Adaptation is therefore safeguarded, identically for every model, system and backbone: a step that does not "
     "lower the task's support loss is halved (up to 10 times) until it does, and skipped if it never does (monotone "
     "descent, as in Armijo backtracking; `metaham adapt --backtrack`). It reads only the support set, changes nothing "
@@ -187,18 +188,19 @@ def _markdown(runs: list[dict], args) -> str:
         *_extra_section(runs, keys),
         "## Cost (seconds of one process, one torch thread)",
         "",
-        "| held-out system | backbone | meta-training | pre-training | adaptation + rollouts |",
-        "| --- | --- | --- | --- | --- |",
+        "| held-out system | backbone | meta-training | pre-training | adaptation + rollouts | unseen laws (each) |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for run in runs:
         learners = run["train"]["learners"]
         lines.append(
             f"| {run['system']} | {run['backbone']} | {learners['meta']['seconds']:.0f} | "
-            f"{learners.get('pretrained', {}).get('seconds', float('nan')):.0f} | {run['adapt']['seconds']:.0f} |"
+            f"{learners.get('pretrained', {}).get('seconds', float('nan')):.0f} | {run['adapt']['seconds']:.0f} | "
+            + (", ".join(f"{name} {result['seconds']:.0f}" for name, result in run["unseen"].items()) or "-") + " |"
         )
     total = sum(
         r["train"]["learners"]["meta"]["seconds"] + r["train"]["learners"].get("pretrained", {}).get("seconds", 0.0)
-        + r["adapt"]["seconds"] for r in runs
+        + r["adapt"]["seconds"] + sum(u["seconds"] for u in r["unseen"].values()) for r in runs
     )
     lines += [
         "",
@@ -268,7 +270,7 @@ def _extra_section(runs: list[dict], keys: list[str]) -> list[str]:
         "## Additional checks (not part of the protocol)",
         "",
         "Other adaptation settings on the same checkpoints and tasks; `backtrack 0` is plain SGD (the protocol before "
-        "the safeguard). The gcn `plain_sgd` files are the first full run's results with plain SGD.",
+        "the safeguard), on the same checkpoints as the protocol's rows.",
         "",
         "| held-out system | backbone | check | model | adapt lr | backtrack | " + " | ".join(f"MSE {k}" for k in keys)
         + f" | median MSE 10 / {keys[-1]} | diverged tasks |",
@@ -293,14 +295,19 @@ def _unseen_section(runs: list[dict]) -> list[str]:
     if not rows:
         return []
     first = next(result for run in runs for result in run["unseen"].values())
+    laws = sorted({name for run in runs for name in run["unseen"]})
+    missing = [f"{name} ({run['backbone']}/leave_{run['system']})" for run in runs for name in laws
+               if name not in run["unseen"]]
     return [
         "## Laws that no split trains on: the order after 10 steps",
         "",
         "Each leave-one-out checkpoint above, adapted with the same protocol (K = "
-        f"{first['shots']}, {first['steps']} steps, {first['tasks']} tasks) to `three_body` (3-body gravity, from "
-        "the multi-particle split) and to the plugin systems of `examples/` (`duffing`, `morse_dimer`), which no "
-        "split names.",
+        f"{first['shots']}, {first['steps']} steps, {first['tasks']} tasks) to laws that no split names: "
+        + ", ".join(f"`{name}`" for name in laws)
+        + " (`three_body`: 3-body gravity, from the multi-particle split; `duffing`, `morse_dimer`: the plugin "
+        "systems of `examples/`).",
         "",
+        *([f"Not run: {', '.join(missing)}.", ""] if missing else []),
         ORDER_HEADER.format(what="law (checkpoint)"),
         "| --- | --- | --- | --- | --- | --- | --- |",
         *rows,
