@@ -251,7 +251,7 @@ def _adapt_protocol(kind: str, learner: MAML | Pretrain, config: Mapping[str, An
 
 def _validate(learner, validation: list[Task], config: Mapping[str, Any], device: torch.device) -> float | None:
     """Mean query vector-field MSE of held-in tasks after ``train.validate_steps`` SGD steps at the inner lr, in
-    the tasks' own units (the model adapts in the units of ``train.task_scale``; its MSE is mapped back)."""
+    raw units (the model adapts in the units of ``train.task_scale``; its MSE is mapped back)."""
     if not validation:
         return None
     model, names, lrs = learner.model, None, config["maml"]["inner_lr"]
