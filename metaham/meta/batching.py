@@ -4,10 +4,9 @@ A :class:`MetaTask` is ``(support, query, graph)``: ``support`` and ``query`` ar
 first axis runs over the task's points (for Hamiltonian tasks ``(q, p, dq_dt, dp_dt)``, each ``(K, n, 2)``)
 and ``graph`` is the model's extra input shared by all points (an ``edge_index``, or ``None``).
 
-:func:`to_meta_tasks` converts the task distribution's ``tasks.Task`` objects, optionally in each task's own units
-(:func:`task_scales`). Tasks whose tensors have equal
-shapes, dtypes and devices and whose graphs are equal are stacked along a new leading task axis, so that one
-``vmap`` call runs them all; any other task runs on its own.
+:func:`to_meta_tasks` converts the task distribution's ``tasks.Task`` objects, optionally in each task's own
+units (:func:`task_scales`). Tasks whose tensors have equal shapes, dtypes and devices and whose graphs are equal
+are stacked along a new leading task axis, so that one ``vmap`` call runs them all; any other task runs on its own.
 """
 from __future__ import annotations
 

@@ -217,11 +217,12 @@ def evaluate_adaptation(
     # Every model adapts in the tasks' units of train.task_scale (1 unless the run trained that way); MSEs and
     # rollouts are mapped back to the raw field, so runs with and without the units compare on one footing.
     scales = task_scales(tasks, config["train"]["task_scale"])
+    meta_tasks = to_meta_tasks(tasks, scales)  # the same views for every model
     results = {}
     bar = tqdm(total=len(models), desc="adapting", unit="model",
                disable=None if progress is None else not progress)
     for name, (model, protocol) in models.items():
-        outcomes = adapt_tasks(model, to_meta_tasks(tasks, scales), steps=steps, lr=protocol["lr"],
+        outcomes = adapt_tasks(model, meta_tasks, steps=steps, lr=protocol["lr"],
                                loss=task_loss(config), metric=VectorFieldLoss("mse"), names=protocol["names"],
                                backtrack=backtrack)
         curves = torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64) * scales.cpu()[:, None] ** 2
