@@ -87,7 +87,7 @@ SCHEMA: dict[str, Any] = {
         "max_minutes": 0.0,
         "eval_batch_size": 64,
         # Weights of the eigen-aware terms (metaham.qh9.eigen_loss), added to `loss`; 0: off.
-        "eigen_loss": {"alignment": 0.0, "hinge": 0.0},
+        "eigen_loss": {"alignment": 0.0, "virtual": 0.0, "density": 0.0, "hinge": 0.0},
     },
     "device": "auto",
     "threads": 0,

@@ -24,14 +24,51 @@ def _problem(seed: int = 0):
     return H, S, n_occupied(Z)
 
 
+def _symmetric_noise(like: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(like.shape, generator=g, dtype=torch.float64)
+    return 0.5 * (noise + noise.T)
+
+
 def test_zero_at_the_truth_and_positive_elsewhere():
     H, S, nocc = _problem()
     basis = true_eigenbasis(H, S, nocc)
     torch.testing.assert_close(basis.C.T @ S @ basis.C, torch.eye(len(H), dtype=torch.float64))
-    alignment, hinge = eigen_loss(H, basis)
-    assert float(alignment) < 1e-24 and float(hinge) == 0.0
-    alignment, _ = eigen_loss(H + 1e-3 * torch.eye(len(H), dtype=torch.float64), basis)
-    assert float(alignment) > 0
+    alignment, virtual, density, hinge = eigen_loss(H, basis)
+    assert float(alignment) < 1e-24 and float(virtual) < 1e-24 and float(density) < 1e-24 and float(hinge) == 0.0
+    terms = eigen_loss(H + 1e-3 * _symmetric_noise(H, 10), basis)
+    assert float(terms.alignment) > 0 and float(terms.virtual) > 0 and float(terms.density) > 0
+
+
+def test_density_is_the_first_order_error_of_the_start_density():
+    """tr(dD S dD S) = 8 nocc * density + O(|dH|^3), dD the change of D = 2 C_occ C_occ^T (the SCF start)."""
+    from metaham.qh9.scf import predicted_density
+
+    H, S, nocc = _problem(11)
+    basis = true_eigenbasis(H, S, nocc)
+    dH = _symmetric_noise(H, 12)
+    D = predicted_density(H.numpy(), S.numpy(), nocc)
+    for size in (1e-3, 1e-4):
+        P = H + size * dH
+        dD = predicted_density(P.numpy(), S.numpy(), nocc) - D
+        exact = float(np.trace(dD @ S.numpy() @ dD @ S.numpy()))
+        first_order = 8 * nocc * float(eigen_loss(P, basis).density)
+        assert abs(exact / first_order - 1) < 5 * size  # measured 0.64 * size: the next order
+
+
+def test_alignment_and_virtual_see_their_own_blocks_of_the_error():
+    """An error confined to the virtual-virtual block of M is invisible to alignment and seen by virtual; one in
+    the occupied block the other way round: together they cover the whole spectrum (Weyl's inequality)."""
+    H, S, nocc = _problem(9)
+    basis = true_eigenbasis(H, S, nocc)
+    SC = S @ basis.C  # H' = SC M' (SC)^T has M' = C^T H' C in the true basis
+    for block, seen in ((slice(basis.kept + 1, None), "virtual"), (slice(0, nocc), "alignment")):  # diagonal blocks
+        M = torch.diag(basis.eps).clone()
+        M[block, block] += 1e-2 * torch.eye(len(H), dtype=torch.float64)[block, block]
+        terms = eigen_loss(SC @ M @ SC.T, basis)._asdict()
+        assert float(terms[seen]) > 1e-6
+        unseen = "alignment" if seen == "virtual" else "virtual"
+        assert float(terms[unseen]) < 1e-20 and float(terms["density"]) < 1e-20  # no occupied-virtual mixing
 
 
 def test_gradient_matches_finite_differences():
@@ -48,9 +85,7 @@ def test_first_order_orbital_energies_are_the_diagonal_in_the_true_basis():
     """eps_pred_i = M_ii + O(|dH|^2): the alignment term's diagonal is the orbital-energy error to first order."""
     H, S, nocc = _problem(3)
     basis = true_eigenbasis(H, S, nocc)
-    g = torch.Generator().manual_seed(4)
-    dH = torch.randn(H.shape, generator=g, dtype=torch.float64)
-    dH = 0.5 * (dH + dH.T)
+    dH = _symmetric_noise(H, 4)
     for size in (1e-3, 1e-4):
         predicted = true_eigenbasis(H + size * dH, S, nocc).eps
         M = basis.C.T @ (H + size * dH) @ basis.C
@@ -80,7 +115,7 @@ def test_the_hinge_sees_a_spurious_low_eigenvalue_and_its_gradient_lifts_it():
     P = (H - 40.0 * torch.outer(c, c)).requires_grad_(True)
     spurious = float(true_eigenbasis(P.detach(), S, nocc).eps[0])
     assert spurious < float(basis.eps[0])
-    _, hinge = eigen_loss(P, basis)
+    hinge = eigen_loss(P, basis).hinge
     assert float(hinge.detach()) > 0
     hinge.backward()
     lifted = true_eigenbasis(P.detach() - 1.0 * P.grad, S, nocc).eps[0]
@@ -120,11 +155,12 @@ def test_the_config_switch_adds_the_terms_for_the_full_predicted_matrices(tmp_pa
     runs = {}
     for name, weight in (("plain", 0.0), ("eigen", 1.0)):
         sets = {"train.epochs": 2, "data.file": data, "train.eigen_loss.alignment": weight,
+                "train.eigen_loss.virtual": weight, "train.eigen_loss.density": weight,
                 "train.eigen_loss.hinge": weight}
         qh9_train.train(qh9_train.load_train_config(None, _sets(sets)), tmp_path / name, progress=False)
         runs[name] = torch.load(tmp_path / name / "last.pt", weights_only=True)["model"]
     steps = 2 * 1  # 8 training rows, batch 8: one step per epoch
-    assert len(calls) == steps and all(w == EigenWeights(1.0, 1.0) for w, _, _ in calls)
+    assert len(calls) == steps and all(w == EigenWeights(1.0, 1.0, 1.0, 1.0) for w, _, _ in calls)
     # The spied matrices are full Kohn-Sham matrices: near the truth (the residual model starts at MINAO's
     # guess), far from the residual target H - H_init whose entries are small.
     _, predicted, true = calls[0]
