@@ -21,6 +21,7 @@
 #   s<K>       train.seed K (default 0)
 #   ep<N>      train.epochs N (default: the config's)
 #   n<K>       data.max_train K: a fixed random subset of K training rows (the data-size study)
+#   tp<X>, pair<X>  model.tp_sparsity / model.pair_sparsity X (tp0: no tensor-product gate dropping; pair0: ...)
 # e.g. VARIANTS="sparse sparse_a0.1_h1 sparse_s1 sparse_a0.1_h1_s1 sparse_mol dense_raw".
 #
 # Re-running skips finished steps and resumes unfinished training runs (--resume).
@@ -68,7 +69,9 @@ options() {  # the --set options of a variant (see the header)
             s[0-9]*) opts+=(--set "train.seed=${token#s}") ;;
             ep[0-9]*) opts+=(--set "train.epochs=${token#ep}") ;;
             n[0-9]*) opts+=(--set "data.max_train=${token#n}") ;;
-            *) echo "unknown variant $1: no token $token (raw, a<W>, v<W>, d<W>, h<W>, mol, s<K>, ep<N>, n<K>)" >&2; exit 2 ;;
+            tp[0-9]*) opts+=(--set "model.tp_sparsity=${token#tp}") ;;
+            pair[0-9]*) opts+=(--set "model.pair_sparsity=${token#pair}") ;;
+            *) echo "unknown variant $1: no token $token (raw, a<W>, v<W>, d<W>, h<W>, mol, s<K>, ep<N>, n<K>, tp<X>, pair<X>)" >&2; exit 2 ;;
         esac
     done
     echo "${opts[@]}"

@@ -51,6 +51,10 @@ def parse(variant: str) -> dict:
             out["mol"] = True
         elif m := re.fullmatch(r"ep(\d+)", token):
             out["epochs"] = int(m[1])
+        elif m := re.fullmatch(r"n(\d+)", token):
+            out["rows"] = int(m[1])
+        elif m := re.fullmatch(r"(tp|pair)([0-9.]+)", token):
+            out.setdefault("sparsity", {})[m[1]] = m[2]
         elif m := re.fullmatch(r"s(\d+)", token):
             out["seed"] = int(m[1])
         elif m := re.fullmatch(r"([avdh])([0-9.]+)", token):
@@ -76,6 +80,8 @@ def label(variant: str) -> str:
     model = ("sparse model" if p["base"] == "sparse" else "dense twin") + (
         " (learns H)" if p["raw"] else " (residual H - H_init)")
     extra = [] if not p["eigen"] else [f"eigen loss: {eigen_name(p['eigen'])}"]
+    names = {"tp": "tp_sparsity", "pair": "pair_sparsity"}
+    extra += [f"{names[k]} {v}" for k, v in p.get("sparsity", {}).items()]
     return model + ("; " + "; ".join(extra) if extra else "")
 
 
@@ -92,9 +98,10 @@ def load(out_dir: Path) -> dict[str, dict]:
     return runs
 
 
-def row(name: str, scores: dict, extra: list[str]) -> str:
+def row(name: str, scores: dict, extra: list[str], count: object = None) -> str:
+    """A table row: name, ``count`` (default: the scored rows), the metrics, then ``extra`` cells."""
     cells = [fmt(scores.get(k), d) for k, _, d in METRICS]
-    return f"| {name} | {scores.get('n', '-')} | " + " | ".join(cells + extra) + " |"
+    return f"| {name} | {scores.get('n', '-') if count is None else count} | " + " | ".join(cells + extra) + " |"
 
 
 def scf_cells(scores: dict) -> list[str]:
@@ -257,6 +264,12 @@ def size_section(size_dir: Path) -> list[str]:
         lines.append(f"| {n} | {fmt(a['h_mae_ueh'])} | {fmt(b['h_mae_ueh'])} | {ratios[-1][1]:.2f} | "
                      f"{fmt(a['eps_mae_ueh'])} | {fmt(b['eps_mae_ueh'])} | {fmt(a['psi_cos_pct'], 1)} | "
                      f"{fmt(b['psi_cos_pct'], 1)} | {minutes} |")
+    others = [v for v in runs if "eval" in runs[v] and not re.fullmatch(r"(sparse|dense)_n\d+", v)]
+    if others:
+        head = "| other runs on this data | training rows | " + " | ".join(n for _, n, _ in METRICS) + " |"
+        lines += ["", head, "|" + " --- |" * (head.count("|") - 1)]
+        for v in others:
+            lines.append(row(label(v), runs[v]["eval"], [], count=runs[v]["settings"].get("rows", "all")))
     minao = baseline["baselines"].get("minao", {})
     return [
         "## Sparse vs dense as the training set grows",
