@@ -21,7 +21,8 @@
 #   s<K>       train.seed K (default 0)
 #   ep<N>      train.epochs N (default: the config's)
 #   n<K>       data.max_train K: a fixed random subset of K training rows (the data-size study)
-#   tp<X>, pair<X>  model.tp_sparsity / model.pair_sparsity X (tp0: no tensor-product gate dropping; pair0: ...)
+#   tp<X>, pair<X>  model.tp_sparsity / model.pair_sparsity X (tp0: the tensor-product gates keep every
+#              path; pair0: the pair gates keep every pair)
 # e.g. VARIANTS="sparse sparse_a0.1_h1 sparse_s1 sparse_a0.1_h1_s1 sparse_mol dense_raw".
 #
 # Re-running skips finished steps and resumes unfinished training runs (--resume).

@@ -9,8 +9,9 @@
 #   scripts/results_qh9_size.sh [OUT_DIR]                 default runs/results_qh9_size
 #   SIZES="288 1152" JOBS=2 scripts/results_qh9_size.sh
 #   EXTRA="..."  also trains these variants on the same data; by default, at the largest size: the eigen-loss
-#                weighting chosen on the small set's val split, and the sparse model with one kind of gate off
-#                (tp0: no tensor-product path dropped; pair0: no pair dropped) to see where its accuracy goes
+#                weighting chosen on the small set's val split (seeds 0 and 1, and the plain model's seed 1), and
+#                the sparse model with one kind of gate off (tp0: no tensor-product path dropped; pair0: no pair
+#                dropped) to see where its accuracy goes
 #
 # Then scripts/results_qh9_table.py MAIN_OUT --size-dir OUT_DIR rebuilds the doc (done here for the default dirs).
 set -euo pipefail
@@ -23,7 +24,11 @@ HCOOH H3CNH2 COF2 NCCN NF3 CH3CN H2CCHF C2H6 HCF3 C3H4_C2v C3H4_C3v C3H4_D2d CH2
 read -r -a SIZES <<< "${SIZES:-288 576 1152}"
 variants=()
 for n in "${SIZES[@]}"; do variants+=("sparse_n$n" "dense_n$n"); done
-read -r -a extra <<< "${EXTRA-sparse_a0.01_h0_n1152 sparse_tp0_n1152 sparse_pair0_n1152}"
+if [ -n "${EXTRA+set}" ]; then
+    read -r -a extra <<< "$EXTRA"
+else
+    extra=(sparse_a0.01_h0_n1152 sparse_a0.01_h0_s1_n1152 sparse_s1_n1152 sparse_tp0_n1152 sparse_pair0_n1152)
+fi
 variants+=("${extra[@]}")
 
 MOLECULES=$(echo $MOLECULES) CONFORMERS=40 DATA_NAME=g2_36.db SCF=0 TABLE=0 VARIANTS="${variants[*]}" \

@@ -82,6 +82,7 @@ def label(variant: str) -> str:
     extra = [] if not p["eigen"] else [f"eigen loss: {eigen_name(p['eigen'])}"]
     names = {"tp": "tp_sparsity", "pair": "pair_sparsity"}
     extra += [f"{names[k]} {v}" for k, v in p.get("sparsity", {}).items()]
+    extra += [f"seed {p['seed']}"] if p["seed"] else []
     return model + ("; " + "; ".join(extra) if extra else "")
 
 

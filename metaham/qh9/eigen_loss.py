@@ -36,7 +36,7 @@ default) :func:`batch_eigen_loss` adds the weighted sum of the four terms, avera
 molecules, to the matrix loss; the true basis is solved on the fly (one overlap matrix, cached by
 :mod:`metaham.qh9.overlap`, and one ``eigh`` per molecule). Measured (docs/results_qh9.md): with 240 training
 conformers no weighting helped held-out ones (the terms overfit); with 1,152, alignment 0.01 cut the
-orbital-energy error 3.2x for 6% more matrix error. They stay off by default.
+orbital-energy error 2.5x for 12% more matrix error (two seeds). They stay off by default.
 
 Example::
 
