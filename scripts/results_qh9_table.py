@@ -18,7 +18,11 @@ import re
 import statistics
 from pathlib import Path
 
+import numpy as np
 import yaml
+
+from metaham.qh9 import open_qh9
+from metaham.qh9.splits import split
 
 METRICS = (
     ("h_mae_ueh", "H MAE", 0), ("eps_mae_ueh", "eps MAE", 0), ("psi_cos_pct", "psi (%)", 1),
@@ -207,7 +211,8 @@ def ablation(runs: dict, chosen: str | None) -> list[str]:
         on, off = groups[1][1], groups[0][1]
         mean = lambda xs, k: statistics.mean(x[k] for x in xs)  # noqa: E731
         targets = [
-            ("occupied orbital-energy MAE <= 2,000 uEh", mean(on, "eps_mae_ueh") <= 2000, f"{mean(on, 'eps_mae_ueh'):,.0f}"),
+            ("occupied orbital-energy MAE <= 2,000 uEh", mean(on, "eps_mae_ueh") <= 2000,
+             f"{mean(on, 'eps_mae_ueh'):,.0f}"),
             ("orbital cosine >= 95%", mean(on, "psi_cos_pct") >= 95, f"{mean(on, 'psi_cos_pct'):.1f}%"),
             ("mean SCF cycle ratio <= 0.8", mean(on, "scf_ric_mean") <= 0.8, f"{mean(on, 'scf_ric_mean'):.3f}"),
             ("<= 10% of molecules slower than MINAO", mean(on, "scf_slower_fraction") <= 0.10,
@@ -236,11 +241,6 @@ def val_table(cands: dict[str, dict], chosen: str | None) -> list[str]:
 
 def held_out_molecules(data: Path, scheme: str, seed: int) -> dict[str, list[str]]:
     """Molecule names of each part of ``scheme`` in the data file (its catalogue, no matrices read)."""
-    import numpy as np
-
-    from metaham.qh9 import open_qh9
-    from metaham.qh9.splits import split
-
     catalog = open_qh9(data).catalog()
     names = np.asarray(catalog.molecule)
     return {part: sorted(set(names[rows].tolist())) for part, rows in split(catalog, scheme, seed).items()}
@@ -298,17 +298,21 @@ def build(out_dir: Path, size_dir: Path | None = None) -> str:
     model, train = sample.get("model", {}), sample.get("train", {})
     cands = candidates(runs)
     chosen, why = choose(cands)
+    meta = open_qh9(generate["out"]).metadata  # the DFT settings the file was generated with
     lines = [
         "# QH9 model: measured results",
         "",
         f"Built by `scripts/results_qh9_table.py` from `{_shown(out_dir)}` on {datetime.date.today()} "
-        f"({platform.machine()}, {platform.system()}); every number below is read from the JSON outputs there "
-        "(the layout and commands of `scripts/results_qh9.sh`; the variant names below are its VARIANTS).",
+        f"({platform.machine()}, {platform.system()}); every number below is read from the JSON outputs and the "
+        "data file there (the layout and commands of `scripts/results_qh9.sh`; the runs are the VARIANTS listed "
+        "in docs/qh9.md, section Results).",
         "",
         f"Data: {generate['total']} geometries ({generate['computed'] + generate['existing']} stored, "
         f"{generate['failed']} failed SCF) of 12 small G2 molecules (H2O NH3 CH4 HF HCN H2CO C2H2 C2H4 CH3OH "
-        "N2H4 H3CNH2 H2CF2), 26 conformers each (Gaussian displacements of 0.05 A), B3LYP5/def2-SVP with QH9's "
-        f"pyscf settings (SCF tolerance 1e-13 Eh). Conformer split: QH9's `{baseline['split_by']}` (held-out "
+        f"N2H4 H3CNH2 H2CF2), 26 conformers each (Gaussian displacements of {meta.get('displacement_angstrom')} A), "
+        f"{meta.get('xc', '?').upper()}/{meta.get('basis', '?')} with QH9's pyscf settings (SCF tolerance "
+        f"{meta.get('conv_tol')} Eh, pyscf {meta.get('pyscf_version')}). Conformer split: QH9's "
+        f"`{baseline['split_by']}` (held-out "
         f"conformers of the same molecules), scored on its `{baseline['part']}` part ({baseline['n']} rows).",
         "",
         f"Model (configs/qh9.yaml): node irreps `{model.get('node_irreps')}`, {model.get('layers')} interaction "
