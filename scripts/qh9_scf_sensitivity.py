@@ -71,7 +71,7 @@ def main() -> None:
                "slower_fraction": float(np.mean(np.asarray(r["ratio"]) > 1)), "dD_median": float(np.median(r["dD"]))}
         for name, r in results.items()
     }
-    print(f"{args.data}: {args.split} split, every {args.every}th row ({len(positions)} molecules); SCF cycles "
+    print(f"{args.data}: {args.split} split, one row in {args.every} ({len(positions)} molecules); SCF cycles "
           "from each start / from MINAO's guess")
     for name, s in summary.items():
         print(f"  {name:20s} ratio mean {s['ric_mean']:.3f}, median {s['ric_median']:.3f}, slower "
