@@ -24,6 +24,7 @@ from metaham.qh9.data import split_positions
 from metaham.qh9.generate import DFTSettings
 from metaham.qh9.overlap import overlap
 from metaham.qh9.scf import predicted_density, scf_starts
+from metaham.qh9.train import load_train_config
 
 
 def density_error(H: np.ndarray, reference: np.ndarray, S: np.ndarray, nocc: int) -> float:
@@ -43,8 +44,7 @@ def main() -> None:
 
     f = open_qh9(args.data)
     settings = DFTSettings.from_metadata(f.metadata)
-    split = {"split_by": "auto", "seed": 43, "max_train": 0, "max_val": 0}  # QH9's split, as configs/qh9.yaml
-    positions = split_positions(f, split, args.split)[:: args.every]
+    positions = split_positions(f, load_train_config()["data"], args.split)[:: args.every]  # the default split
     predicted = np.load(args.predictions) if args.predictions else None
     starts = {f"H + noise {s:g}": s for s in args.noise}
     if predicted is not None:

@@ -28,8 +28,6 @@ METRICS = (
     ("h_mae_ueh", "H MAE", 0), ("eps_mae_ueh", "eps MAE", 0), ("psi_cos_pct", "psi (%)", 1),
     ("homo_mae_ueh", "HOMO", 0), ("lumo_mae_ueh", "LUMO", 0), ("gap_mae_ueh", "gap", 0),
 )
-SCF = (("scf_ric_mean", "SCF cycles / MINAO, mean", 3), ("scf_ric_median", "median", 3),
-       ("scf_slower_fraction", "slower than MINAO", 2), ("scf_max_abs_de", "max abs dE (Eh)", None))
 EIGEN = ("a", "v", "d", "h")  # alignment, virtual, density, hinge weights in a variant name
 
 
@@ -45,9 +43,11 @@ def fmt(value: float | None, digits: int | None = 0) -> str:
 
 
 def parse(variant: str) -> dict:
-    """A variant name's settings: base, raw, eigen weights {a, v, h}, mol, seed, epochs."""
+    """A variant name's settings: base, raw, eigen weights {a, v, d, h}, mol, seed, epochs, rows, sparsity
+    {tp, pair}; each false-like when the variant keeps the config's value."""
     base, *tokens = variant.split("_")
-    out = {"base": base, "raw": False, "eigen": {}, "mol": False, "seed": 0, "epochs": None}
+    out = {"base": base, "raw": False, "eigen": {}, "mol": False, "seed": 0, "epochs": None, "rows": None,
+           "sparsity": {}}
     for token in tokens:
         if token == "raw":
             out["raw"] = True
@@ -58,7 +58,7 @@ def parse(variant: str) -> dict:
         elif m := re.fullmatch(r"n(\d+)", token):
             out["rows"] = int(m[1])
         elif m := re.fullmatch(r"(tp|pair)([0-9.]+)", token):
-            out.setdefault("sparsity", {})[m[1]] = m[2]
+            out["sparsity"][m[1]] = m[2]
         elif m := re.fullmatch(r"s(\d+)", token):
             out["seed"] = int(m[1])
         elif m := re.fullmatch(r"([avdh])([0-9.]+)", token):
@@ -67,6 +67,11 @@ def parse(variant: str) -> dict:
         else:
             raise ValueError(f"{variant}: unknown token {token!r}")
     return out
+
+
+def departures(settings: dict) -> set[str]:
+    """The settings a variant changes from configs/qh9.yaml's sparse model on the conformer split (base aside)."""
+    return {key for key in ("raw", "eigen", "mol", "seed", "epochs", "rows", "sparsity") if settings[key]}
 
 
 def eigen_name(eigen: dict) -> str:
@@ -85,7 +90,7 @@ def label(variant: str) -> str:
         " (learns H)" if p["raw"] else " (residual H - H_init)")
     extra = [] if not p["eigen"] else [f"eigen loss: {eigen_name(p['eigen'])}"]
     names = {"tp": "tp_sparsity", "pair": "pair_sparsity"}
-    extra += [f"{names[k]} {v}" for k, v in p.get("sparsity", {}).items()]
+    extra += [f"{names[k]} {v}" for k, v in p["sparsity"].items()]
     extra += [f"seed {p['seed']}"] if p["seed"] else []
     return model + ("; " + "; ".join(extra) if extra else "")
 
@@ -128,7 +133,7 @@ def models_table(runs: dict, baseline: dict, mol: bool) -> list[str]:
     order = sorted(runs, key=lambda v: (runs[v]["settings"]["raw"], runs[v]["settings"]["base"] != "sparse"))
     for variant in order:
         run, p = runs[variant], runs[variant]["settings"]
-        if "eval" not in run or p["mol"] != mol or p["seed"] or p["eigen"] or p["epochs"]:
+        if "eval" not in run or p["mol"] != mol or not departures(p) <= {"raw", "mol"}:
             continue
         t = run.get("train", {})
         training = f"{t.get('epochs')} epochs, {t.get('steps')} steps, {t.get('seconds', 0) / 60:.1f} min"
@@ -158,7 +163,7 @@ def candidates(runs: dict) -> dict[str, dict]:
     out = {}
     for run in runs.values():
         p = run["settings"]
-        if p["base"] == "sparse" and not (p["raw"] or p["mol"] or p["seed"] or p["epochs"]) and "val" in run:
+        if p["base"] == "sparse" and departures(p) <= {"eigen"} and "val" in run:
             out[eigen_key(p["eigen"])] = run
     return out
 
@@ -189,8 +194,7 @@ def mean_sd(values: list[float], digits: int | None) -> str:
 
 def seeds_of(runs: dict, eigen: dict) -> list[dict]:
     return [r["eval"] for r in runs.values() if "eval" in r and r["settings"]["base"] == "sparse"
-            and not (r["settings"]["raw"] or r["settings"]["mol"] or r["settings"]["epochs"])
-            and r["settings"]["eigen"] == eigen]
+            and departures(r["settings"]) <= {"eigen", "seed"} and r["settings"]["eigen"] == eigen]
 
 
 def ablation(runs: dict, chosen: str | None) -> list[str]:
@@ -222,10 +226,9 @@ def ablation(runs: dict, chosen: str | None) -> list[str]:
         ]
         lines += ["", "Issue 13's targets for the eigen-aware model (means over its seeds):", ""]
         lines += [f"- {what}: {value} ({'met' if ok else 'NOT met'})" for what, ok, value in targets]
-        plain = [("without the eigen loss", off)]
-        lines += [f"- for comparison, {w}: eps {mean(s, 'eps_mae_ueh'):,.0f} uEh, psi {mean(s, 'psi_cos_pct'):.1f}%, "
-                  f"SCF ratio {mean(s, 'scf_ric_mean'):.3f}, slower {100 * mean(s, 'scf_slower_fraction'):.0f}%"
-                  for w, s in plain]
+        lines.append(f"- for comparison, without the eigen loss: eps {mean(off, 'eps_mae_ueh'):,.0f} uEh, psi "
+                     f"{mean(off, 'psi_cos_pct'):.1f}%, SCF ratio {mean(off, 'scf_ric_mean'):.3f}, slower "
+                     f"{100 * mean(off, 'scf_slower_fraction'):.0f}%")
     return lines
 
 
@@ -250,7 +253,8 @@ def size_section(size_dir: Path) -> list[str]:
     """Sparse vs dense as the training set grows (scripts/results_qh9_size.sh's OUT_DIR)."""
     generate, baseline = last_json(size_dir / "generate.json"), last_json(size_dir / "baseline.json")
     runs = load(size_dir)
-    sizes = sorted({int(re.search(r"_n(\d+)", v)[1]) for v in runs if re.search(r"_n(\d+)", v)})
+    by_size = {v for v, run in runs.items() if departures(run["settings"]) == {"rows"}}  # sparse_n<K>, dense_n<K>
+    sizes = sorted({runs[v]["settings"]["rows"] for v in by_size})
     head = ("| training rows | sparse H MAE | dense H MAE | sparse / dense | sparse eps MAE | dense eps MAE | "
             "sparse psi (%) | dense psi (%) | training min (sparse / dense) |")
     lines = [head, "|" + " --- |" * (head.count("|") - 1)]
@@ -265,12 +269,12 @@ def size_section(size_dir: Path) -> list[str]:
         lines.append(f"| {n} | {fmt(a['h_mae_ueh'])} | {fmt(b['h_mae_ueh'])} | {ratios[-1][1]:.2f} | "
                      f"{fmt(a['eps_mae_ueh'])} | {fmt(b['eps_mae_ueh'])} | {fmt(a['psi_cos_pct'], 1)} | "
                      f"{fmt(b['psi_cos_pct'], 1)} | {minutes} |")
-    others = [v for v in runs if "eval" in runs[v] and not re.fullmatch(r"(sparse|dense)_n\d+", v)]
+    others = [v for v in runs if "eval" in runs[v] and v not in by_size]
     if others:
         head = "| other runs on this data | training rows | " + " | ".join(n for _, n, _ in METRICS) + " |"
         lines += ["", head, "|" + " --- |" * (head.count("|") - 1)]
         for v in others:
-            lines.append(row(label(v), runs[v]["eval"], [], count=runs[v]["settings"].get("rows", "all")))
+            lines.append(row(label(v), runs[v]["eval"], [], count=runs[v]["settings"]["rows"] or "all"))
     minao = baseline["baselines"].get("minao", {})
     return [
         "## Sparse vs dense as the training set grows",

@@ -107,12 +107,12 @@ def eigen_loss(H_pred: Tensor, basis: TrueEigenbasis, scale: Tensor | float = 1.
     C = basis.C.to(H_pred.device)
     H = 0.5 * (H_pred + H_pred.mT)  # the metrics symmetrise too: an antisymmetric part has no eigen-meaning
     M = C.T.to(H.dtype) @ H @ C.to(H.dtype)
-    error = (M - torch.diag(basis.eps.to(M))) / scale
+    eps = basis.eps.to(M)
+    error = (M - torch.diag(eps)) / scale
     alignment = error[: basis.kept].pow(2).mean()
     block = M[basis.nocc :, basis.nocc :]  # the prediction restricted to the true virtual space
     lowest = torch.linalg.eigvalsh(0.5 * (block + block.mT))
     hinge = (torch.relu(basis.midgap.to(M) - lowest) / scale).mean()
-    eps = basis.eps.to(M)
     gaps = eps[basis.nocc :] - eps[: basis.nocc, None]  # (occupied, virtual), > 0 for a non-zero true gap
     density = (M[: basis.nocc, basis.nocc :] / gaps).pow(2).sum() / basis.nocc
     return EigenTerms(alignment, error[basis.nocc :, basis.nocc :].pow(2).mean(), density, hinge)
