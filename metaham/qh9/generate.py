@@ -506,15 +506,21 @@ def _run(jobs: list[tuple], workers: int) -> Iterable[tuple]:
 
 
 def pyscf_map(function: Callable[[Any], Any], jobs: Sequence[Any], workers: int) -> Iterable[Any]:
-    """``function(job)`` for every job, results in job order, in ``workers`` processes of one pyscf thread each
-    (in this process when ``workers == 1``). ``function`` must be a module-level function (it is pickled).
+    """``function(job)`` for every job, results in job order, in ``workers`` processes (this one when ``workers ==
+    1`` or there is one job), each running pyscf on one thread. ``function`` must be a module-level function (it
+    is pickled). One thread everywhere keeps results independent of the worker count and of the run: with several
+    OpenMP threads pyscf sums in a varying order, and two runs of one geometry can differ in their last digits.
 
     The pool's processes are daemons and stop when the iteration ends, fails or is abandoned, and with the
     parent process: no pyscf worker outlives the run that started it.
     """
     if workers == 1 or len(jobs) <= 1:
+        from pyscf import lib
+
         for job in jobs:
-            yield function(job)
+            with lib.with_omp_threads(1):
+                result = function(job)
+            yield result  # outside the block: the caller's own work keeps its thread count
         return
     import multiprocessing
 

@@ -79,6 +79,23 @@ def test_parallel_workers_match_the_serial_run(generated, tmp_path):
         np.testing.assert_allclose(a.H, b.H, rtol=0, atol=1e-10)
 
 
+def _pyscf_threads(_job) -> int:
+    from pyscf import lib
+
+    return lib.num_threads()
+
+
+def test_jobs_in_this_process_run_pyscf_on_one_thread_like_the_workers():
+    """Several OpenMP threads sum in a varying order: the in-process path (one worker, or one job) must run pyscf
+    on one thread as each worker does, and give the caller its own thread count back."""
+    from pyscf import lib
+
+    with lib.with_omp_threads(2):
+        assert list(gen.pyscf_map(_pyscf_threads, [0, 1], workers=1)) == [1, 1]
+        assert list(gen.pyscf_map(_pyscf_threads, [0], workers=4)) == [1]
+        assert lib.num_threads() == 2
+
+
 def test_refused_inputs(generated, tmp_path):
     path, _ = generated
     with pytest.raises(ValueError, match="displacement_angstrom=0.05, this run asks for 0.1"):
