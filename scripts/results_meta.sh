@@ -30,7 +30,7 @@ DOC=${DOC:-docs/results_meta.md}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 read -r -a SYSTEMS <<< "${SYSTEMS:-mass_spring pendulum henon_heiles magnetic_mirror}"
 # Laws no leave-one-out split trains on: a system name, or PLUGIN_FILE:NAME for a plugin.
-read -r -a UNSEEN <<< "${UNSEEN-three_body examples/duffing.py:duffing examples/morse_dimer.py:morse_dimer}"
+read -r -a UNSEEN <<< "${UNSEEN-three_body examples/duffing.py:duffing examples/morse_dimer.py:morse_dimer examples/penning_trap.py:penning_trap}"
 export OMP_NUM_THREADS=1
 
 overrides=(--set "model.backbone=$BACKBONE" --set threads=1)

@@ -33,10 +33,11 @@ from .losses import TaskLoss, VectorFieldLoss
 
 @dataclass
 class Adaptation:
-    """The query-loss curve of one adaptation run and the parameters after its last step."""
+    """The query-loss curve of one adaptation run and the parameters after its last step (a metric that returns
+    a vector, e.g. :func:`~metaham.meta.losses.field_mse_halves`, gives a list per step)."""
 
     steps: list[int]
-    query_loss: list[float]
+    query_loss: list
     params: dict[str, Tensor] = field(repr=False)
 
 

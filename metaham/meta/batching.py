@@ -5,7 +5,7 @@ first axis runs over the task's points (for Hamiltonian tasks ``(q, p, dq_dt, dp
 and ``graph`` is the model's extra input shared by all points (an ``edge_index``, or ``None``).
 
 :func:`to_meta_tasks` converts the task distribution's ``tasks.Task`` objects, optionally in each task's own
-units (:func:`task_scales`). Tasks whose tensors have equal shapes, dtypes and devices and whose graphs are equal
+units (:func:`task_units`). Tasks whose tensors have equal shapes, dtypes and devices and whose graphs are equal
 are stacked along a new leading task axis, so that one ``vmap`` call runs them all; any other task runs on its own.
 """
 from __future__ import annotations
@@ -35,33 +35,72 @@ class TaskGroup:
     graph: object
 
 
-TASK_SCALES = ("none", "support_rms")
+TASK_SCALES = ("none", "support_rms", "support_state")
 
 
-def task_scales(tasks: Sequence, kind: str) -> Tensor:
-    """``(N,)`` the vector-field unit of each ``tasks.Task`` under ``train.task_scale`` = ``kind``.
+class TaskUnits(NamedTuple):
+    """Each task's units, ``(N,)`` tensors: ``q`` and ``p`` divide the task's positions and momenta, ``field``
+    its time rate, so the model sees ``q / q_unit, p / p_unit`` and fits ``dq/dt / (q_unit field_unit)``,
+    ``dp/dt / (p_unit field_unit)``.
 
-    ``"none"``: 1 for every task. ``"support_rms"``: the root mean square of the task's support targets
-    ``(dq/dt, dp/dt)``. The four paper systems' fields differ 25-100x in scale (a pendulum task's mean square
-    reaches 126, a Henon-Heiles task's is ~0.04), so in raw units a few large tasks set both the meta-gradient
-    and the size of every adaptation step; divided by this unit every task's targets have mean square 1. The
-    unit reads only the support set, which adaptation has too, so it costs no query information. A support set
-    whose targets are all zero keeps the unit 1.
+    Any such change of units keeps the dynamics Hamiltonian: in the scaled coordinates the flow is the
+    symplectic gradient of ``H / (q_unit p_unit field_unit)``. So a model's field ``f`` in task units is the raw
+    field ``(q_unit field_unit f_q, p_unit field_unit f_p)`` at ``(q / q_unit, p / p_unit)``.
+    """
+
+    q: Tensor
+    p: Tensor
+    field: Tensor
+
+    def take(self, rows) -> "TaskUnits":
+        """The units of the tasks ``rows`` (an index or index list), as a :class:`TaskUnits`."""
+        return TaskUnits(self.q[rows], self.p[rows], self.field[rows])
+
+    def raw_mse(self, halves: Tensor) -> Tensor:
+        """The raw-unit MSE from the MSEs of the two halves in task units: ``halves`` ``(N, ..., 2)`` holds
+        (dq/dt part, dp/dt part), each a mean over equally many elements."""
+        shape = (-1,) + (1,) * (halves.ndim - 2)
+        q, p, field = (u.to(halves).reshape(shape) for u in self)
+        return 0.5 * field.square() * (q.square() * halves[..., 0] + p.square() * halves[..., 1])
+
+
+def task_units(tasks: Sequence, kind: str) -> TaskUnits:
+    """The :class:`TaskUnits` of each ``tasks.Task`` under ``train.task_scale`` = ``kind``.
+
+    ``"none"``: 1 everywhere. ``"support_rms"``: raw coordinates, the field in units of the root mean square of
+    the task's support targets ``(dq/dt, dp/dt)``. ``"support_state"``: also positions and momenta in units of
+    the RMS of the support set's ``q`` and ``p``, and the field in units of the RMS of the targets so scaled.
+    The four paper systems' fields differ 25-100x in scale (a pendulum task's mean square reaches 126, a
+    Henon-Heiles task's is ~0.04), so in raw units a few large tasks set both the meta-gradient and the size of
+    every adaptation step; in these units every task's targets have mean square 1, and with ``support_state``
+    its inputs too, so a heavy, long pendulum looks to the model like a light, short one at the same amplitude.
+    The units read only the support set, which adaptation has too, so they cost no query information. A unit
+    that comes out zero or non-finite (e.g. a support set at rest) stays 1.
     """
     if kind not in TASK_SCALES:
         raise ValueError(f"unknown task scale {kind!r}; choose one of {', '.join(TASK_SCALES)}")
+    device = tasks[0].support.dq.device if tasks else None
+    ones = torch.ones(len(tasks), dtype=torch.float64, device=device)
     if kind == "none" or not tasks:
-        device = tasks[0].support.dq.device if tasks else None
-        return torch.ones(len(tasks), dtype=torch.float64, device=device)
-    rms = torch.stack([torch.cat([t.support.dq, t.support.dp], dim=-1).double().pow(2).mean().sqrt() for t in tasks])
+        return TaskUnits(ones, ones, ones)
+    q_unit, p_unit = ones, ones
+    if kind == "support_state":
+        q_unit = _rms([(t.support.q,) for t in tasks])
+        p_unit = _rms([(t.support.p,) for t in tasks])
+    field = _rms([(t.support.dq / float(a), t.support.dp / float(b)) for t, a, b in zip(tasks, q_unit, p_unit)])
+    return TaskUnits(q_unit, p_unit, field)
+
+
+def _rms(parts: Sequence[tuple[Tensor, ...]]) -> Tensor:
+    rms = torch.stack([torch.cat(part, dim=-1).double().pow(2).mean().sqrt() for part in parts])
     return torch.where(torch.isfinite(rms) & (rms > 0), rms, torch.ones_like(rms))
 
 
-def to_meta_tasks(tasks: Sequence, scales: Tensor | None = None) -> list[MetaTask]:
+def to_meta_tasks(tasks: Sequence, units: TaskUnits | None = None) -> list[MetaTask]:
     """:class:`MetaTask` views of task-distribution tasks (``tasks.Task``: ``system`` name, ``support`` and
-    ``query`` with ``q, p, dq, dp``), with one ``edge_index`` per system, built once and shared. With ``scales``
-    (``(N,)``, e.g. :func:`task_scales`) each task's targets, support and query, are divided by its scale: a
-    model fitted to them predicts the field in that unit, and its raw-unit MSE is ``scale**2`` times its MSE."""
+    ``query`` with ``q, p, dq, dp``), with one ``edge_index`` per system, built once and shared. With ``units``
+    (e.g. :func:`task_units`) each task's support and query are put in its units: a model fitted to them predicts
+    the field in those units (:meth:`TaskUnits.raw_mse` maps its errors back)."""
     import systems
     from metaham.hamiltonian import system_edge_index
 
@@ -71,15 +110,18 @@ def to_meta_tasks(tasks: Sequence, scales: Tensor | None = None) -> list[MetaTas
         device = task.support.q.device
         if (task.system, device) not in graphs:
             graphs[(task.system, device)] = system_edge_index(systems.get(task.system), device=device)
-        unit = None if scales is None else float(scales[i])
+        unit = None if units is None else tuple(float(u[i]) for u in units)
         out.append(MetaTask(_points(task.support, unit), _points(task.query, unit), graphs[(task.system, device)]))
     return out
 
 
-def _points(points, unit: float | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if unit is None or unit == 1.0:
+def _points(points, unit: tuple[float, float, float] | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    if unit is None or unit == (1.0, 1.0, 1.0):
         return points.q, points.p, points.dq, points.dp
-    return points.q, points.p, points.dq / unit, points.dp / unit
+    q_unit, p_unit, field = unit
+    if q_unit == 1.0 and p_unit == 1.0:  # support_rms: the states stay the task's own tensors
+        return points.q, points.p, points.dq / field, points.dp / field
+    return points.q / q_unit, points.p / p_unit, points.dq / (q_unit * field), points.dp / (p_unit * field)
 
 
 def check_tasks(tasks: Sequence[MetaTask]) -> None:

@@ -51,8 +51,9 @@ SCHEMA: dict[str, Any] = {
         "meta_batch": 10,
         "lr": 5e-4,
         "loss": "logcosh",
-        # The unit of each task's vector field in the inner loop, the outer loop, validation and adaptation
-        # (metaham.meta.batching.task_scales): none, or support_rms (each task's own support-set RMS).
+        # Each task's units in the inner loop, the outer loop, validation and adaptation
+        # (metaham.meta.batching.task_units): none; support_rms (the field in units of its support-set RMS);
+        # support_state (q, p and the field each in units of their support-set RMS).
         "task_scale": "none",
         "seed": 0,
         "pretrain": True,

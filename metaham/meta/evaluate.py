@@ -41,8 +41,8 @@ from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
 from .adapt import adapt_tasks
-from .batching import task_scales, to_meta_tasks
-from .losses import VectorFieldLoss
+from .batching import TaskUnits, task_units, to_meta_tasks
+from .losses import field_mse_halves
 from .metrics import energy_relative_error, geometric_mean, rollout_relative_error
 from .config import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, resolve_split, saved_config, task_config, task_loss
 
@@ -216,18 +216,18 @@ def evaluate_adaptation(
 
     # Every model adapts in the tasks' units of train.task_scale (1 unless the run trained that way); MSEs and
     # rollouts are mapped back to the raw field, so runs with and without the units compare on one footing.
-    scales = task_scales(tasks, config["train"]["task_scale"])
-    meta_tasks = to_meta_tasks(tasks, scales)  # the same views for every model
+    units = task_units(tasks, config["train"]["task_scale"])
+    meta_tasks = to_meta_tasks(tasks, units)  # the same views for every model
     results = {}
     bar = tqdm(total=len(models), desc="adapting", unit="model",
                disable=None if progress is None else not progress)
     for name, (model, protocol) in models.items():
         outcomes = adapt_tasks(model, meta_tasks, steps=steps, lr=protocol["lr"],
-                               loss=task_loss(config), metric=VectorFieldLoss("mse"), names=protocol["names"],
+                               loss=task_loss(config), metric=field_mse_halves, names=protocol["names"],
                                backtrack=backtrack)
-        curves = torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64) * scales.cpu()[:, None] ** 2
+        curves = units.raw_mse(torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64))
         adapted = [o.params for o in outcomes]
-        q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph, scales)
+        q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph, units)
         truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
         truth_p = torch.stack([t.rollouts.p for t in tasks])
         energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(len(tasks))])
@@ -252,7 +252,7 @@ def evaluate_adaptation(
         + (f"full-batch SGD at lr {lr:g}, a step that does not lower the support loss halved up to {backtrack} "
            "times and skipped if none does" if backtrack else f"plain full-batch SGD at lr {lr:g}")
         + f" (loss: {config['train']['loss']}"
-        + (", each task's targets in units of its support RMS" if config["train"]["task_scale"] == "support_rms" else "")
+        + _UNITS_TEXT[config["train"]["task_scale"]]
         + (", meta model: its learned Meta-SGD rates" if config["maml"]["meta_sgd"] else "")
         + (", meta model: read-out only (ANIL)" if config["maml"]["anil"] else "")
         + f"); vf_mse: vector-field MSE on {k_query} query points, mean over {len(tasks)} tasks of fresh "
@@ -278,6 +278,13 @@ def evaluate_adaptation(
     return AdaptationReport(system, shots, steps, seed, lr, backtrack, protocol, info, results,
                             truth=(t.cpu(), tasks[0].rollouts.q[0].cpu(), tasks[0].rollouts.p[0].cpu()),
                             query_power=query_power.cpu())
+
+
+_UNITS_TEXT = {
+    "none": "",
+    "support_rms": ", each task's targets in units of its support RMS",
+    "support_state": ", each task's q, p and targets in units of their support RMS",
+}
 
 
 def _split_role(split: Split, system: str) -> str:
@@ -314,9 +321,9 @@ def _protocol(state: Mapping[str, Any], lr: float, device: torch.device) -> dict
 
 
 def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: list[Task], graph: Tensor,
-              scales: Tensor):
-    """Roll out each task's adapted H, times its task scale (the model learned H in those units), from its
-    rollouts' initial states on their time grid.
+              units: TaskUnits):
+    """Roll out each task's adapted H, mapped from its task units to raw ones (the model learned H in those
+    units), from its rollouts' initial states on their time grid.
 
     Returns ``q, p`` ``(N, R, T, n, 2)`` and the number of trajectories whose integration failed (their states are
     NaN, which the metrics count as the worst error). All tasks with finite adapted weights run as one batch
@@ -326,7 +333,7 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     q0 = torch.stack([task.rollouts.q[:, 0] for task in tasks])  # (N, R, n, 2)
     p0 = torch.stack([task.rollouts.p[:, 0] for task in tasks])
     stacked = {name: torch.stack([params[name] for params in adapted]) for name in adapted[0]}
-    units = scales.to(q0)
+    units = TaskUnits(*(u.to(q0) for u in units))
     shape = (len(tasks), q0.shape[1], t.numel(), *q0.shape[2:])
     q = torch.full(shape, float("nan"), dtype=q0.dtype, device=q0.device)
     p = q.clone()
@@ -335,30 +342,31 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     rows = finite.nonzero().flatten().tolist()
     try:
         if rows:
-            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()}, units[rows], q0[rows],
-                                          p0[rows], t, graph)
+            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()},
+                                          units.take(rows), q0[rows], p0[rows], t, graph)
     except RuntimeError:
         for i in rows:  # one runaway model spoils only its own rollouts
             try:
-                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()}, units[[i]], q0[[i]],
-                                            p0[[i]], t, graph)
+                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()},
+                                            units.take([i]), q0[[i]], p0[[i]], t, graph)
             except RuntimeError:
                 pass
     diverged = int((~torch.isfinite(q).flatten(2).all(2)).sum())
     return q, p, diverged
 
 
-def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], units: Tensor, q0: Tensor, p0: Tensor, t: Tensor,
-               graph: Tensor):
-    """Implicit-midpoint rollouts of a batch of adapted models, model ``i``'s field times ``units[i]`` (a
-    constant multiple of H: still Hamiltonian): ``q0, p0`` ``(N, R, n, 2)`` -> ``(N, R, T, n, 2)``."""
-    def one_model(params, unit, q, p):
-        dq, dp = model.vector_field(q, p, graph, params=params)
-        return dq * unit, dp * unit
+def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], units: TaskUnits, q0: Tensor, p0: Tensor,
+               t: Tensor, graph: Tensor):
+    """Implicit-midpoint rollouts of a batch of adapted models, model ``i``'s field mapped from the units
+    ``units[i]`` to raw ones (see :class:`TaskUnits`: still Hamiltonian): ``q0, p0`` ``(N, R, n, 2)`` ->
+    ``(N, R, T, n, 2)``."""
+    def one_model(params, q_unit, p_unit, field_unit, q, p):
+        dq, dp = model.vector_field(q / q_unit, p / p_unit, graph, params=params)
+        return dq * (q_unit * field_unit), dp * (p_unit * field_unit)
 
     field = torch.func.vmap(one_model)
     with torch.no_grad():
-        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, units, q_, p_), q0, p0, t, method=ROLLOUT_METHOD)
+        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, *units, q_, p_), q0, p0, t, method=ROLLOUT_METHOD)
     if not (torch.isfinite(q).all() and torch.isfinite(p).all()):
         raise RuntimeError("rollout left the finite numbers")
     return q.movedim(0, 2), p.movedim(0, 2)

@@ -39,7 +39,7 @@ from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
 from .adapt import adapt_tasks
-from .batching import MetaTask, task_scales, to_meta_tasks
+from .batching import MetaTask, task_units, to_meta_tasks
 from .config import (
     LEARNERS,
     RUN,
@@ -50,7 +50,7 @@ from .config import (
     task_config,
     task_loss,
 )
-from .losses import VectorFieldLoss
+from .losses import field_mse_halves
 from .maml import MAML
 from .pretrain import Pretrain
 
@@ -198,7 +198,7 @@ class _Learner:
 
     def loss(self, batch: list[Task], step: int) -> torch.Tensor:
         mine = [task.to(self.run.device) for task in batch[shard_slice(len(batch), self.run.world)]]
-        tasks: list[MetaTask] = to_meta_tasks(mine, task_scales(mine, self.settings["task_scale"]))
+        tasks: list[MetaTask] = to_meta_tasks(mine, task_units(mine, self.settings["task_scale"]))
         return self.learner.meta_loss(tasks) * shard_weight(len(mine), len(batch), self.run.world)
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
@@ -262,9 +262,10 @@ def _validate(learner, validation: list[Task], config: Mapping[str, Any], device
     model.eval()
     try:
         tasks = [task.to(device) for task in validation]
-        scales = task_scales(tasks, config["train"]["task_scale"])
-        outcomes = adapt_tasks(model, to_meta_tasks(tasks, scales), steps=steps, lr=lrs,
-                               eval_at=[steps], loss=task_loss(config), metric=VectorFieldLoss("mse"), names=names)
+        units = task_units(tasks, config["train"]["task_scale"])
+        outcomes = adapt_tasks(model, to_meta_tasks(tasks, units), steps=steps, lr=lrs,
+                               eval_at=[steps], loss=task_loss(config), metric=field_mse_halves, names=names)
     finally:
         model.train()
-    return sum(o.query_loss[-1] * float(s) ** 2 for o, s in zip(outcomes, scales)) / len(outcomes)
+    halves = torch.tensor([o.query_loss[-1] for o in outcomes], dtype=torch.float64)
+    return float(units.raw_mse(halves).mean())

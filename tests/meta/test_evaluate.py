@@ -110,6 +110,7 @@ def test_adapt_tasks_equals_adapting_one_task_at_a_time():
 
 def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
     from metaham.hamiltonian import HamiltonianGNN, edge_index
+    from metaham.meta import TaskUnits
     from metaham.meta.evaluate import _rollouts
     from tasks import PhasePoints, Rollouts, Task
 
@@ -123,7 +124,9 @@ def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
 
     params = {name: value.detach() for name, value in model.named_parameters()}
     diverged = {name: value * float("nan") for name, value in params.items()}
-    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1), torch.ones(3))
+    ones = torch.ones(3, dtype=torch.float64)
+    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1),
+                            TaskUnits(ones, ones, ones))
     assert q.shape == (3, 2, 11, 1, 2) and count == 2
     assert torch.isfinite(q[[0, 2]]).all() and torch.isnan(q[1]).all()
     rollouts = task().rollouts
@@ -153,24 +156,52 @@ def _phase_task(system: str, support_scale: float, query_scale: float, t=None):
     return Task(system, {}, support, query, Rollouts(t, q, p))
 
 
-def test_task_scales_put_each_task_in_units_of_its_support_rms():
-    from metaham.meta import task_scales, to_meta_tasks
+def _units(field, q=1.0, p=1.0):
+    from metaham.meta import TaskUnits
+
+    return TaskUnits(*(torch.tensor([v], dtype=torch.float64) for v in (q, p, field)))
+
+
+def test_task_units_put_each_task_in_units_of_its_support_rms():
+    from metaham.meta import task_units, to_meta_tasks
 
     tasks = [_phase_task("mass_spring", 1.0, 1.0), _phase_task("mass_spring", 30.0, 20.0), _phase_task("pendulum", 0.0, 1.0)]
-    assert torch.equal(task_scales(tasks, "none"), torch.ones(3, dtype=torch.float64))
-    scales = task_scales(tasks, "support_rms")
-    assert scales[1] == pytest.approx(30 * float(scales[0]), rel=1e-12)
-    assert scales[2] == 1.0  # an all-zero support set keeps the raw unit
-    scaled = to_meta_tasks(tasks, scales)
-    for task, meta, s in zip(tasks[:2], scaled[:2], scales[:2]):
+    ones = torch.ones(3, dtype=torch.float64)
+    assert all(torch.equal(u, ones) for u in task_units(tasks, "none"))
+    units = task_units(tasks, "support_rms")
+    assert torch.equal(units.q, ones) and torch.equal(units.p, ones)
+    assert units.field[1] == pytest.approx(30 * float(units.field[0]), rel=1e-12)
+    assert units.field[2] == 1.0  # an all-zero support set keeps the raw unit
+    scaled = to_meta_tasks(tasks, units)
+    for task, meta, s in zip(tasks[:2], scaled[:2], units.field[:2]):
         support = torch.cat([meta.support[2], meta.support[3]], dim=-1)
         assert support.pow(2).mean().sqrt() == pytest.approx(1.0, rel=1e-12)
         torch.testing.assert_close(meta.query[2] * s, task.query.dq, rtol=1e-14, atol=0)  # the support's unit
         assert meta.support[0] is task.support.q and meta.query[1] is task.query.p  # states are not rescaled
-    plain = to_meta_tasks(tasks, task_scales(tasks, "none"))
+    plain = to_meta_tasks(tasks, task_units(tasks, "none"))
     assert all(m.support[2] is t.support.dq for m, t in zip(plain, tasks))
     with pytest.raises(ValueError, match="unknown task scale 'rms'"):
-        task_scales(tasks, "rms")
+        task_units(tasks, "rms")
+
+
+def test_state_units_scale_q_p_and_the_field_by_their_support_rms():
+    from metaham.meta import task_units, to_meta_tasks
+
+    task = _phase_task("mass_spring", 3.0, 3.0)
+    (q_unit, p_unit, field), = zip(*task_units([task], "support_state"))
+    assert float(q_unit) == pytest.approx(float(task.support.q.double().pow(2).mean().sqrt()), rel=1e-12)
+    assert float(p_unit) == pytest.approx(float(task.support.p.double().pow(2).mean().sqrt()), rel=1e-12)
+    meta = to_meta_tasks([task], _units(float(field), float(q_unit), float(p_unit)))[0]
+    q, p, dq, dp = meta.support
+    for tensor in (q, p, torch.cat([dq, dp], dim=-1)):  # every input and the targets: mean square 1
+        assert float(tensor.double().pow(2).mean()) == pytest.approx(1.0, rel=1e-10)
+    # By hand: q / a, p / b, dq / (a s), dp / (b s).
+    torch.testing.assert_close(meta.query[0], task.query.q / float(q_unit), rtol=1e-14, atol=0)
+    torch.testing.assert_close(meta.query[3], task.query.dp / float(p_unit * field), rtol=1e-14, atol=0)
+    # Raw MSE from the halves: s^2 (a^2 mse_q + b^2 mse_p) / 2.
+    halves = torch.tensor([[[0.5, 2.0]]], dtype=torch.float64)
+    expected = 0.5 * float(field) ** 2 * (float(q_unit) ** 2 * 0.5 + float(p_unit) ** 2 * 2.0)
+    assert float(_units(float(field), float(q_unit), float(p_unit)).raw_mse(halves)) == pytest.approx(expected)
 
 
 def test_a_scaled_rollout_is_the_unit_field_run_for_scaled_time():
@@ -184,25 +215,45 @@ def test_a_scaled_rollout_is_the_unit_field_run_for_scaled_time():
     params = {name: value.detach() for name, value in model.named_parameters()}
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     scaled_q, scaled_p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
-                                      torch.tensor([2.5], dtype=torch.float64))
-    q, p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, 2.5 * t)], edge_index(1), torch.ones(1))
+                                      _units(2.5))
+    q, p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, 2.5 * t)], edge_index(1), _units(1.0))
     torch.testing.assert_close(scaled_q, q, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(scaled_p, p, rtol=1e-9, atol=1e-11)
     assert not torch.allclose(scaled_q, _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
-                                                  torch.ones(1))[0])
+                                                  _units(1.0))[0])
 
 
-def test_a_run_in_task_units_reports_raw_mse(tmp_path, monkeypatch):
+def test_a_rollout_in_state_units_is_the_model_in_scaled_coordinates():
+    """With units (a, b, s) the raw rollout from (q0, p0) is a b-scaled copy of the model's own rollout from
+    (q0 / a, p0 / b) with field s f: the raw field (a s f_q, b s f_p)(q / a, p / b) is that flow in raw units."""
+    from metaham.hamiltonian import HamiltonianGNN, edge_index
+    from metaham.meta.evaluate import _rollouts
+
+    torch.manual_seed(1)
+    model = HamiltonianGNN(hidden=8, layers=1).double()
+    params = {name: value.detach() for name, value in model.named_parameters()}
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    task = _phase_task("mass_spring", 1, 1, t)
+    q, p, _ = _rollouts(model, [params], [task], edge_index(1), _units(1.5, q=2.0, p=0.5))
+    scaled = _phase_task("mass_spring", 1, 1, t)
+    scaled.rollouts.q.div_(2.0), scaled.rollouts.p.div_(0.5)
+    q_model, p_model, _ = _rollouts(model, [params], [scaled], edge_index(1), _units(1.5))
+    torch.testing.assert_close(q, 2.0 * q_model, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(p, 0.5 * p_model, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("units_kind", ["support_rms", "support_state"])
+def test_a_run_in_task_units_reports_raw_mse(tmp_path, monkeypatch, units_kind):
     from metaham.hamiltonian import system_edge_index
-    from metaham.meta import task_scales
+    from metaham.meta import task_units
     from metaham.meta.config import initial_model
     from tasks.cache import derive_seed
 
     monkeypatch.setenv("METAHAM_CACHE", str(tmp_path / "cache"))
-    config = load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1", "train.task_scale=support_rms"])
+    config = load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1", f"train.task_scale={units_kind}"])
     training.train(config, tmp_path / "run", progress=False)
     run = load_run(tmp_path / "run")
-    assert run.config["train"]["task_scale"] == "support_rms"
+    assert run.config["train"]["task_scale"] == units_kind
     # The outer loop trained in task units: the same run in raw units ends elsewhere from the same start.
     training.train(load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1"]), tmp_path / "raw",
                    progress=False)
@@ -211,16 +262,19 @@ def test_a_run_in_task_units_reports_raw_mse(tmp_path, monkeypatch):
         ours, theirs = run.checkpoints[kind]["model"], raw_run.checkpoints[kind]["model"]
         assert any(not torch.equal(ours[name], theirs[name]) for name in ours)
     report = evaluate_adaptation(run, "pendulum", shots=8, steps=2, n_tasks=3, seed=1, progress=False)
-    assert report.info["task_scale"] == "support_rms" and "support RMS" in report.protocol
-    # Step 0 of the random model by hand: its field in task units, times the unit, against the raw targets.
+    assert report.info["task_scale"] == units_kind and "support RMS" in report.protocol
+    # Step 0 of the random model by hand: its field at the state in task units, mapped to raw units (position
+    # unit x field unit, momentum unit x field unit), against the raw targets.
     tasks = _fresh_tasks(run, "pendulum", 8, 3, 1, None, False)
-    scales = task_scales(tasks, "support_rms")
-    assert not torch.allclose(scales, torch.ones(3, dtype=torch.float64))
+    units = task_units(tasks, units_kind)
+    assert not torch.allclose(units.field, torch.ones(3, dtype=torch.float64))
+    assert torch.allclose(units.p, torch.ones(3, dtype=torch.float64)) == (units_kind == "support_rms")
     model = initial_model(config, derive_seed("random_init", 1))
     graph = system_edge_index(systems.get("pendulum"))
     for i, task in enumerate(tasks):
-        dq, dp = model.vector_field(task.query.q, task.query.p, graph)
-        raw = torch.cat([scales[i] * dq - task.query.dq, scales[i] * dp - task.query.dp], dim=-1).pow(2).mean()
+        a, b, s = (float(u[i]) for u in units)
+        dq, dp = model.vector_field(task.query.q / a, task.query.p / b, graph)
+        raw = torch.cat([a * s * dq - task.query.dq, b * s * dp - task.query.dp], dim=-1).pow(2).mean()
         # float32 tasks: the evaluation forms the MSE in task units, then multiplies by the unit squared.
         assert float(report.results["random"].curves[i, 0]) == pytest.approx(float(raw.detach()), rel=1e-5)
     # Without the units the same model's step-0 error differs: the check above would catch an unscaled field.

@@ -68,3 +68,19 @@ def test_morse_dimer_starts_below_dissociation(monkeypatch):
     params, q, p = _draw(system, n=256)
     assert bool((system.hamiltonian(q, p, params) < params["D"]).all())  # bound: below the dissociation energy
     torch.testing.assert_close(p.sum(1), torch.zeros(256, 2, dtype=torch.float64))  # centre of mass at rest
+
+
+def test_penning_trap_energy_range_and_angular_momentum(monkeypatch):
+    """Sampled energies lie in [0.1, 1]; the field is rotation symmetric about the origin in the symmetric gauge,
+    so the canonical angular momentum x p_y - y p_x is conserved along every orbit."""
+    monkeypatch.setattr(systems, "_REGISTRY", dict(systems._REGISTRY))
+    (name,) = systems.load_plugin(EXAMPLES[0].parent / "penning_trap.py")
+    system = systems.get(name)
+    params, q0, p0 = _draw(system, n=64)
+    energy = system.hamiltonian(q0, p0, params)
+    assert bool(((energy >= 0.1 - 1e-12) & (energy <= 1 + 1e-12)).all())
+    t = torch.linspace(0.0, 10.0, 101, dtype=torch.float64)
+    q, p = simulate(system, params, q0, p0, t, "dop853", rtol=1e-11, atol=1e-11)
+    momentum = q[..., 0, 0] * p[..., 0, 1] - q[..., 0, 1] * p[..., 0, 0]
+    assert float((momentum - momentum[:1]).abs().max()) < 1e-8
+    assert float((q[-1] - q0).abs().max()) > 1e-2  # it moved
