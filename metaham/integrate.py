@@ -213,9 +213,10 @@ class _Dop853:
     steps scipy's DOP853 would take for it alone (up to rounding).
 
     Save times come from the 7th-order dense output, so steps are not cut at save times; and they are written
-    out in bulk rather than per step: each iteration only records its steps (start, end, the two states, the
-    interpolant's stage combinations), and every few MB of records one vectorised pass finds the step that
-    holds each save time of each row and evaluates the interpolant there. At a thousand rows the cost of an
+    out in bulk rather than per step: each iteration only records its steps (start, end, and the interpolant's
+    coefficients in powers of the step fraction, one matrix product of the stages), and every few MB of records
+    one vectorised pass finds the step that holds each save time of each row and evaluates the interpolant
+    there. At a thousand rows the cost of an
     iteration is the fixed cost of its tensor operations, not their arithmetic, so the loop is written for few
     operations: one matrix-vector product per stage, preallocated stage buffers, no per-step save logic.
 
@@ -227,7 +228,10 @@ class _Dop853:
     ``(16, 2, *batch, *tail)``. Not differentiable (the stage buffers are written with ``out=``).
     """
 
-    _RECORD_BUDGET = 1 << 22  # recorded elements (8 per state element per step) before save times are written
+    # Recorded elements (8 coefficients per state element per step) before save times are written: 8 MB, so
+    # each batch of records reuses the memory the one before it freed. With 32 MB batches every record landed
+    # in freshly mapped pages, whose first-touch faults cost more than the arithmetic (docs/benchmarks.md).
+    _RECORD_BUDGET = 1 << 20
 
     def __init__(self, f: VectorField, rows_field, q0: Tensor, p0: Tensor, t: Tensor, rtol: float, atol: float):
         from scipy.integrate._ivp import dop853_coefficients as tab
@@ -243,11 +247,7 @@ class _Dop853:
         self.a_rows = [a[s, :s].contiguous() for s in range(a.shape[0])]  # stage s combines k_0 .. k_{s-1}
         self.b = torch.as_tensor(tab.B, **dev)
         self.e53 = torch.as_tensor(np.stack([tab.E5, tab.E3]), **dev)  # both error estimates in one product
-        # What the dense output needs from the stages, in one product: k_0, k_12 and the rows of D.
-        dense = np.zeros((6, tab.N_STAGES_EXTENDED))
-        dense[0, 0], dense[1, tab.N_STAGES], dense[2:] = 1.0, 1.0, tab.D
-        self.dense = torch.as_tensor(dense, **dev)
-        self.power_basis = torch.as_tensor(_dense_power_basis(), **dev)
+        self.interpolant = torch.as_tensor(_interpolant_from_stages(tab), **dev)
         self.n_stages, self.n_extended = tab.N_STAGES, tab.N_STAGES_EXTENDED
         self.y0 = torch.stack([q0, p0]).contiguous()
         self.factor_min, self.factor_max, self.factor_one = (torch.tensor(v, **dev) for v in (0.2, 10.0, 1.0))
@@ -294,7 +294,9 @@ class _Dop853:
             ratio = self._error_ratio(work, h, y_rows, y_new_rows)
             accept = ratio <= 1
             t_new = torch.where(to_end, t_end, now + h)
-            records.append((rows, now, t_new, h, accept, y_rows, y_new_rows, torch.mm(self.dense, work.flat)))
+            coeffs = torch.mm(self.interpolant, work.flat).mul_(work.h_flat)  # (power, 2 rows width)
+            coeffs[0].add_(y_flat)
+            records.append((rows, now, t_new, h, accept, coeffs))
             recorded += 8 * y_flat.numel()
             # Step-size control as in scipy's DOP853: factor 0.9 ratio^(-1/8), at most 10 (1 right after a
             # rejection), at least 0.2. An accepted step has factor >= 0.9 and a rejected one < 0.9, so one clamp
@@ -343,13 +345,14 @@ class _Dop853:
     def _write_saves(self, out: Tensor, records: list[tuple]) -> None:
         """Write the dense output at every save time that lies in a recorded accepted step.
 
-        A save time t_j belongs to the step (t0, t1] that holds it (t_0 is the initial state). Each step's
-        interpolant is first turned into its 8 coefficients in powers of x = (t_j - t0) / h (one product for all
-        steps, see :func:`_dense_power_basis`). Then slot s = 0, 1, ... evaluates, for every step at once, the
-        s-th save time inside it by Horner's rule, steps along the last, contiguous dimension: a plain
-        vectorised loop (gathering coefficients per (row, save time) pair instead costs ~5x more). Steps with
-        fewer save times write slot s to a spare column of ``out``; once under a quarter of the steps have an
-        s-th save time, the others are dropped, so the work stays within 4x the number of saved states.
+        A save time t_j belongs to the step (t0, t1] that holds it (t_0 is the initial state). Each record holds
+        its steps' interpolants as 8 coefficients in powers of x = (t_j - t0) / h, laid out like the stages
+        ``(power, 2, steps, width)``. Slot s = 0, 1, ... evaluates, for every step at once, the s-th save time
+        inside it by Horner's rule, x spread over each step's elements by an outer product (equal shapes: see
+        :meth:`_Dop853Buffers.spread`): a plain vectorised loop (gathering coefficients per (row, save time) pair
+        instead costs ~5x more). Steps with fewer save times write slot s to a spare row of ``out``; once under
+        a quarter of the steps have an s-th save time, the others are dropped, so the work stays within 4x the
+        number of saved states.
 
         ``out``: ``(T * rows + 1, 2 width)``; row ``j * rows + row`` holds (q, p) at t_j, the last is the spare.
         Time-major, because the steps of one iteration cover similar times: the writes stay close together.
@@ -358,12 +361,8 @@ class _Dop853:
             return
         fields = list(zip(*records))
         rows, t0, t1, h, accept = (torch.cat(part) for part in fields[:5])
-        states = torch.stack([torch.cat(fields[5], dim=1), torch.cat(fields[6], dim=1)])  # (2, 2, steps, width)
-        dense = torch.cat([d.view(6, 2, -1, self.width) for d in fields[7]], dim=2)  # (6, 2, steps, width)
-        dense.mul_(h.view(1, 1, -1, 1))  # h k_0, h k_12, h D K
-        record = torch.cat([states, dense])  # (8, 2, steps, width)
-        coeffs = (self.power_basis @ record.view(8, -1)).view(record.shape).transpose(2, 3)
-        coeffs = coeffs.reshape(8, 2 * self.width, -1)  # (power, 2 width, steps)
+        coeffs = torch.cat([c.view(8, 2, -1, self.width) for c in fields[5]], dim=2)  # (power, 2, steps, width)
+        ones = coeffs.new_ones(self.width)
         times, n_t, spare = self.t, self.t.numel(), out.shape[0] - 1
         first = torch.searchsorted(times, t0, right=True)
         count = torch.where(accept, torch.searchsorted(times, t1, right=True) - first, 0)
@@ -376,11 +375,12 @@ class _Dop853:
                 coeffs, count, column, first, t0, h, has = (
                     coeffs[:, :, keep], count[keep], column[keep], first[keep], t0[keep], h[keep], has[keep]
                 )
-            x = (times[(first + slot).clamp_(max=n_t - 1)] - t0) / h
+            x = torch.outer((times[(first + slot).clamp_(max=n_t - 1)] - t0) / h, ones)  # (steps, width)
             value = coeffs[7]
             for power in range(6, -1, -1):
                 value = torch.addcmul(coeffs[power], value, x)
-            out.index_copy_(0, torch.where(has, column + slot * self.n_rows, spare), value.t())
+            rows_out = value.transpose(0, 1).reshape(-1, 2 * self.width)  # (steps, (q, p) flattened)
+            out.index_copy_(0, torch.where(has, column + slot * self.n_rows, spare), rows_out)
 
     def _initial_step(self, f: VectorField, y: Tensor, f0: Tensor, span: float) -> Tensor:
         # Hairer's starting-step heuristic (Solving ODEs I, sec. II.4) for the 7th-order error estimator, per row,
@@ -422,6 +422,20 @@ def _dense_power_basis() -> np.ndarray:
     poly = np.roll(poly, 1, axis=0)  # y = y0 + x * poly
     poly[0] += r[0]
     return poly
+
+
+def _interpolant_from_stages(tab) -> np.ndarray:
+    """The ``(8, 16)`` matrix M with: step interpolant's coefficients of x^0 .. x^7 = e_0 y0 + h M K, for the
+    stages K = (k_0 .. k_15) of one step (shared by every row; h and y0 are the row's).
+
+    The record of :func:`_dense_power_basis` is (y0, y1, h k_0, h k_12, h (D K)_0..3) with y1 = y0 + h b K, and
+    y0 enters the polynomial only as its constant term (the interpolant of a step with K = 0 is y0), so every
+    other term is a fixed linear map of h K: one matrix product per iteration instead of a record to expand."""
+    n = tab.N_STAGES_EXTENDED
+    from_stages = np.zeros((7, n))  # (y1 - y0) / h, k_0, k_12 and the rows of D, each as a combination of K
+    from_stages[0, : tab.N_STAGES] = tab.B
+    from_stages[1, 0], from_stages[2, tab.N_STAGES], from_stages[3:] = 1.0, 1.0, tab.D
+    return _dense_power_basis()[:, 1:] @ from_stages  # columns y1 - y0 (as y1), h k_0, h k_12, h D K
 
 
 def _evaluate(f: VectorField, y: Tensor, out: Tensor) -> None:

@@ -213,6 +213,22 @@ def test_dop853_dense_output_power_basis_equals_hairers_nested_form():
     assert np.polyval(coeffs[::-1], 1.0) == pytest.approx(y1, abs=1e-13)  # the interpolant ends on the step
 
 
+def test_dop853_interpolant_from_stages_equals_the_record_route():
+    """The per-iteration coefficients y0 e_0 + h M K equal the power basis applied to the record
+    (y0, y0 + h b K, h k_0, h k_12, h D K): y0 enters only as the constant term."""
+    from scipy.integrate._ivp import dop853_coefficients as tab
+
+    from metaham.integrate import _dense_power_basis, _interpolant_from_stages
+
+    rng = np.random.default_rng(1)
+    y0, h = rng.normal(), 0.37
+    k = rng.normal(size=tab.N_STAGES_EXTENDED)
+    record = np.array([y0, y0 + h * tab.B @ k[: tab.N_STAGES], h * k[0], h * k[tab.N_STAGES], *(h * tab.D @ k)])
+    from_stages = h * _interpolant_from_stages(tab) @ k
+    from_stages[0] += y0
+    np.testing.assert_allclose(from_stages, _dense_power_basis() @ record, rtol=0, atol=1e-12)
+
+
 def test_dop853_saves_every_time_of_rows_with_very_different_step_sizes(monkeypatch):
     """Oscillators whose frequencies span 100x: slow rows hold many save times per step, fast rows none in most
     steps (the save pass drops those), and writing the saves after every step (a tiny record budget) gives the
