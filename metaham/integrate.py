@@ -435,7 +435,9 @@ def _interpolant_from_stages(tab) -> np.ndarray:
     from_stages = np.zeros((7, n))  # (y1 - y0) / h, k_0, k_12 and the rows of D, each as a combination of K
     from_stages[0, : tab.N_STAGES] = tab.B
     from_stages[1, 0], from_stages[2, tab.N_STAGES], from_stages[3:] = 1.0, 1.0, tab.D
-    return _dense_power_basis()[:, 1:] @ from_stages  # columns y1 - y0 (as y1), h k_0, h k_12, h D K
+    # Columns 1..7 of the basis take y1, h k_0, h k_12, h D K; the y0 inside y1 = y0 + h b K joins column 0's y0,
+    # and the two columns sum to e_0 (tests/test_integrate.py checks the whole map against the record route).
+    return _dense_power_basis()[:, 1:] @ from_stages
 
 
 def _evaluate(f: VectorField, y: Tensor, out: Tensor) -> None:
