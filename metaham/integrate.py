@@ -216,9 +216,9 @@ class _Dop853:
     out in bulk rather than per step: each iteration only records its steps (start, end, and the interpolant's
     coefficients in powers of the step fraction, one matrix product of the stages), and every few MB of records
     one vectorised pass finds the step that holds each save time of each row and evaluates the interpolant
-    there. At a thousand rows the cost of an
-    iteration is the fixed cost of its tensor operations, not their arithmetic, so the loop is written for few
-    operations: one matrix-vector product per stage, preallocated stage buffers, no per-step save logic.
+    there. At a thousand rows the cost of an iteration is the fixed cost of its tensor operations, not their
+    arithmetic, so the loop is written for few operations: one matrix-vector product per stage, preallocated
+    stage buffers, no per-step save logic.
 
     When ``rows_field(rows)`` can build the vector field of a subset of rows, finished rows leave the working
     batch once they are half of it, so the cost follows the average row rather than the slowest one.

@@ -30,14 +30,16 @@ CASES = (("magnetic_mirror", 5e-10), ("pendulum", 5e-10), ("three_body", 2e-11),
 
 
 def load_integrator(commit: str):
+    """``metaham/integrate.py`` of ``commit`` as a module of its own; ``ValueError`` if git cannot show it."""
     source = subprocess.run(["git", "show", f"{commit}:metaham/integrate.py"], capture_output=True, text=True)
     if source.returncode != 0:
-        sys.exit(f"error: git show {commit}:metaham/integrate.py failed: {source.stderr.strip()}")
-    path = Path(tempfile.mkdtemp()) / "integrate_before.py"
-    path.write_text(source.stdout)
-    spec = importlib.util.spec_from_file_location("integrate_before", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+        raise ValueError(f"git show {commit}:metaham/integrate.py failed: {source.stderr.strip()}")
+    with tempfile.TemporaryDirectory() as folder:  # the module is executed on load, so the file can go after it
+        path = Path(folder) / "integrate_before.py"
+        path.write_text(source.stdout)
+        spec = importlib.util.spec_from_file_location("integrate_before", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 
@@ -48,7 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    before = load_integrator(args.commit)
+    try:
+        before = load_integrator(args.commit)
+    except ValueError as error:
+        parser.error(str(error))  # exit 2, no traceback
     t = torch.linspace(0, 10, 200, dtype=torch.float64)
     results = {}
     for name, tol in CASES:
