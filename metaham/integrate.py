@@ -58,6 +58,7 @@ def odeint_hamiltonian(
     fixed_point_tol: float | None = None,
     max_fixed_point_iters: int = 100,
     rows_field: Callable[[Tensor], VectorField] | None = None,
+    failed_trajectories: str = "raise",
 ) -> tuple[Tensor, Tensor]:
     """Integrate dq/dt, dp/dt = ``vector_field(q, p)`` from ``(q0, p0)`` at ``t[0]``.
 
@@ -72,6 +73,10 @@ def odeint_hamiltonian(
             max over all elements).
         fixed_point_tol: convergence threshold of implicit midpoint (default: 1e-13 in float64, 1e-6 in float32).
         max_fixed_point_iters: implicit midpoint raises ``RuntimeError`` when a step needs more iterations.
+        failed_trajectories: implicit midpoint, a step that does not converge: ``"raise"`` an ``IntegrationError``
+            for the batch, or ``"nan"``: the trajectories (batch entries) that did not converge, or whose state
+            became non-finite, are NaN from that save time on, and the others go on as if they were alone in the
+            batch (e.g. rollouts of many learned fields, where one stiff field must not cost the rest).
         rows_field: optional, for ``dop853`` with a 1-D batch: ``rows_field(rows)`` returns the vector field of
             the batch rows ``rows`` (a 1-D index tensor) only, so finished trajectories can leave the batch.
             :func:`simulate` provides it.
@@ -92,11 +97,13 @@ def odeint_hamiltonian(
         return _Dop853(vector_field, rows_field, q0, p0, t, rtol, atol).solve()
     if method in ADAPTIVE:
         return _torchdiffeq(vector_field, q0, p0, t, method, rtol, atol)
+    if failed_trajectories not in ("raise", "nan"):
+        raise ValueError(f"failed_trajectories must be 'raise' or 'nan', got {failed_trajectories!r}")
     if fixed_point_tol is None:
         fixed_point_tol = 1e-13 if q0.dtype == torch.float64 else 1e-6
     stepper = {
         "leapfrog": _Leapfrog(vector_field),
-        "implicit_midpoint": _Midpoint(vector_field, fixed_point_tol, max_fixed_point_iters),
+        "implicit_midpoint": _Midpoint(vector_field, fixed_point_tol, max_fixed_point_iters, failed_trajectories),
         "rk4": _RK4(vector_field),
     }[method]
     return _fixed_step_loop(stepper, q0, p0, t, step)
@@ -113,8 +120,15 @@ def _fixed_step_loop(stepper, q0: Tensor, p0: Tensor, t: Tensor, step: float | N
         h = interval / n_sub
         for _ in range(n_sub):
             q, p = stepper.step(q, p, h)
-        qs.append(q)
-        ps.append(p)
+        failed = getattr(stepper, "failed", None)
+        if failed is not None and bool(failed.any()):
+            # A failed trajectory stays frozen at its last good state inside the stepper; it is saved as NaN.
+            gone = failed.reshape(*failed.shape, 1, 1)
+            qs.append(torch.where(gone, torch.nan, q))
+            ps.append(torch.where(gone, torch.nan, p))
+        else:
+            qs.append(q)
+            ps.append(p)
     return torch.stack(qs), torch.stack(ps)
 
 
@@ -160,29 +174,60 @@ class _RK4:
 class _Midpoint:
     """Implicit midpoint rule, z1 = z0 + h f((z0 + z1)/2), solved by fixed-point iteration from an explicit Euler
     guess. The iteration converges when h * Lipschitz(f) < 2; a step that does not converge is an error rather
-    than a silent inaccuracy."""
+    than a silent inaccuracy: of the batch (``failed="raise"``), or of the trajectories that did not converge
+    (``"nan"``: they are marked in :attr:`failed` and frozen at their state before the step, while the batch
+    goes on; non-finite ones at once). The test is the batch's: the largest change over the trajectories still
+    running against ``tol * (1 + their largest |z|)``, so a batch where none fails takes the same iterations
+    either way."""
 
-    def __init__(self, f: VectorField, tol: float, max_iters: int) -> None:
-        self.f, self.tol, self.max_iters = f, tol, max_iters
+    def __init__(self, f: VectorField, tol: float, max_iters: int, failed: str = "raise") -> None:
+        self.f, self.tol, self.max_iters, self.mode = f, tol, max_iters, failed
+        self.failed: Tensor | None = None
 
     def start(self, q: Tensor, p: Tensor) -> None:
-        pass
+        self.failed = torch.zeros(q.shape[:-2], dtype=torch.bool, device=q.device) if self.mode == "nan" else None
 
     def step(self, q: Tensor, p: Tensor, h: float) -> tuple[Tensor, Tensor]:
         dq, dp = self.f(q, p)
         q1, p1 = q + h * dq, p + h * dp
         for _ in range(self.max_iters):
+            q1, p1 = self._freeze(q, p, q1, p1)
             dq, dp = self.f(0.5 * (q + q1), 0.5 * (p + p1))
             q_next, p_next = q + h * dq, p + h * dp
-            change = torch.maximum((q_next - q1).abs().max(), (p_next - p1).abs().max())
-            q1, p1 = q_next, p_next
-            scale = 1.0 + float(torch.maximum(q1.abs().max(), p1.abs().max()))
+            if self.failed is None:
+                change = torch.maximum((q_next - q1).abs().max(), (p_next - p1).abs().max())
+                q1, p1 = q_next, p_next
+                scale = 1.0 + float(torch.maximum(q1.abs().max(), p1.abs().max()))
+            else:
+                per_row = torch.maximum(_row_max((q_next - q1).abs()), _row_max((p_next - p1).abs()))
+                self.failed |= ~torch.isfinite(per_row)
+                running = ~self.failed
+                q1, p1 = q_next, p_next
+                if not bool(running.any()):
+                    return self._freeze(q, p, q1, p1)
+                change = per_row[running].max()
+                scale = 1.0 + float(torch.maximum(_row_max(q1.abs()), _row_max(p1.abs()))[running].max())
             if float(change) <= self.tol * scale:
-                return q1, p1
-        raise IntegrationError(
-            f"implicit midpoint did not converge in {self.max_iters} iterations (last change {float(change):.3g}); "
-            "use a smaller step"
-        )
+                return self._freeze(q, p, q1, p1)
+        if self.failed is None:
+            raise IntegrationError(
+                f"implicit midpoint did not converge in {self.max_iters} iterations (last change {float(change):.3g}); "
+                "use a smaller step"
+            )
+        self.failed |= ~(per_row <= self.tol * scale)
+        return self._freeze(q, p, q1, p1)
+
+    def _freeze(self, q: Tensor, p: Tensor, q1: Tensor, p1: Tensor) -> tuple[Tensor, Tensor]:
+        """Failed trajectories keep their state from before the step (finite: safe to evaluate f on)."""
+        if self.failed is None or not bool(self.failed.any()):
+            return q1, p1
+        gone = self.failed.reshape(*self.failed.shape, 1, 1)
+        return torch.where(gone, q, q1), torch.where(gone, p, p1)
+
+
+def _row_max(x: Tensor) -> Tensor:
+    """The largest entry of each trajectory: ``(*batch, n, dim)`` -> ``(*batch,)``."""
+    return x.flatten(-2).amax(-1)
 
 
 def _max_norm(x: Tensor) -> Tensor:

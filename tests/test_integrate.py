@@ -186,6 +186,8 @@ def test_bad_input_is_rejected_with_a_clear_message():
         odeint_hamiltonian(_oscillator, q0, p0, t, "leapfrog", step=0.0)
     with pytest.raises(RuntimeError, match="did not converge"):
         odeint_hamiltonian(_oscillator, q0, p0, t, "implicit_midpoint", step=5.0, max_fixed_point_iters=5)
+    with pytest.raises(ValueError, match="failed_trajectories must be 'raise' or 'nan'"):
+        odeint_hamiltonian(_oscillator, q0, p0, t, "implicit_midpoint", failed_trajectories="skip")
 
     class NonSeparable(systems.System):
         name, separable = "non_separable", False
@@ -276,3 +278,32 @@ def test_simulate_uses_a_plugin_systems_vector_field_through_the_default_field()
     q, _ = simulate(Oscillator(), {"k": k}, q0, torch.zeros_like(q0), t, "dop853", rtol=1e-11, atol=1e-11)
     exact = torch.cos(torch.sqrt(k)[None] * t[:, None])
     assert float((q[..., 0, 0] - exact).abs().max()) < 1e-8
+
+
+@pytest.mark.parametrize("stiff_omega, max_iters", [(1e6, 100), (3.0, 100), (1.5, 60)])
+def test_implicit_midpoint_fails_only_the_trajectories_that_do_not_converge(stiff_omega, max_iters):
+    # Oscillators of frequency omega per trajectory, steps of 1: the fixed-point iteration contracts by
+    # omega / 2 per iteration, so omega = 1e6 runs away to non-finite states, omega = 3 never settles within
+    # 100 iterations, and omega = 1.5 needs ~100 (0.75 per iteration) where 0.8 needs ~35 and 0.5 fewer.
+    omega = torch.tensor([0.5, stiff_omega, 0.8], dtype=torch.float64).view(3, 1, 1)
+
+    def field(q, p):  # all three trajectories, or the two that converge
+        w = omega if len(q) == 3 else omega[[0, 2]]
+        return w * p, -w * q
+
+    q0 = torch.tensor([[[1.0, 0.0]], [[0.5, 0.0]], [[0.2, 0.3]]], dtype=torch.float64)
+    p0 = torch.zeros_like(q0)
+    t = torch.linspace(0, 5, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="did not converge"):
+        odeint_hamiltonian(field, q0, p0, t, "implicit_midpoint", max_fixed_point_iters=max_iters)
+    q, p = odeint_hamiltonian(field, q0, p0, t, "implicit_midpoint", max_fixed_point_iters=max_iters,
+                              failed_trajectories="nan")
+    assert torch.isnan(q[1:, 1]).all() and torch.isnan(p[1:, 1]).all() and torch.equal(q[0], q0)
+    alone_q, alone_p = odeint_hamiltonian(field, q0[[0, 2]], p0[[0, 2]], t, "implicit_midpoint",
+                                          max_fixed_point_iters=max_iters)
+    torch.testing.assert_close(q[:, [0, 2]], alone_q, rtol=0, atol=1e-12)
+    torch.testing.assert_close(p[:, [0, 2]], alone_p, rtol=0, atol=1e-12)
+    # Implicit midpoint conserves the oscillators' energy: the survivors are the real solution, not frozen.
+    energy = 0.5 * (q[:, [0, 2]] ** 2 + p[:, [0, 2]] ** 2).sum((-1, -2))
+    torch.testing.assert_close(energy, energy[:1].expand_as(energy), rtol=1e-10, atol=0)
+    assert not torch.allclose(q[-1, [0, 2]], q0[[0, 2]])

@@ -326,8 +326,9 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     units), from its rollouts' initial states on their time grid.
 
     Returns ``q, p`` ``(N, R, T, n, 2)`` and the number of trajectories whose integration failed (their states are
-    NaN, which the metrics count as the worst error). All tasks with finite adapted weights run as one batch
-    (``vmap`` over the adapted parameters); if that batch fails, each task is retried alone.
+    NaN from the failure on, which the metrics count as the worst error). All tasks with finite adapted weights run
+    as one batch (``vmap`` over the adapted parameters); a trajectory whose implicit step does not converge, or
+    whose state leaves the finite numbers, fails alone while the batch goes on.
     """
     t = tasks[0].rollouts.t
     q0 = torch.stack([task.rollouts.q[:, 0] for task in tasks])  # (N, R, n, 2)
@@ -340,17 +341,9 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     # Models whose SGD diverged to non-finite weights cannot be integrated: they keep NaN states.
     finite = torch.stack([torch.isfinite(v).flatten(1).all(1) for v in stacked.values()]).all(0)
     rows = finite.nonzero().flatten().tolist()
-    try:
-        if rows:
-            q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()},
-                                          units.take(rows), q0[rows], p0[rows], t, graph)
-    except RuntimeError:
-        for i in rows:  # one runaway model spoils only its own rollouts
-            try:
-                q[[i]], p[[i]] = _integrate(model, {k: v[[i]] for k, v in stacked.items()},
-                                            units.take([i]), q0[[i]], p0[[i]], t, graph)
-            except RuntimeError:
-                pass
+    if rows:
+        q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()},
+                                      units.take(rows), q0[rows], p0[rows], t, graph)
     diverged = int((~torch.isfinite(q).flatten(2).all(2)).sum())
     return q, p, diverged
 
@@ -366,7 +359,6 @@ def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], units: TaskUni
 
     field = torch.func.vmap(one_model)
     with torch.no_grad():
-        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, *units, q_, p_), q0, p0, t, method=ROLLOUT_METHOD)
-    if not (torch.isfinite(q).all() and torch.isfinite(p).all()):
-        raise RuntimeError("rollout left the finite numbers")
+        q, p = odeint_hamiltonian(lambda q_, p_: field(stacked, *units, q_, p_), q0, p0, t, method=ROLLOUT_METHOD,
+                                  failed_trajectories="nan")
     return q.movedim(0, 2), p.movedim(0, 2)
