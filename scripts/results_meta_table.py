@@ -43,14 +43,15 @@ TASK_UNITS = {
         "in the inner and outer loops, validation and adaptation, for the meta-trained, pre-trained and random models "
         "alike; every error below is in raw units (the task-unit MSE times the unit squared; rollouts integrate the "
         "model's field times the unit). Chosen from the training systems' scales (25-100x apart, see above), as the "
-        "issue proposed, before any run with it; compare with the raw-unit runs of docs/results_meta.md."
+        "issue proposed, before any run with it; compare with the other options in docs/meta-learning.md."
     ),
     "support_state": (
         "each task's positions, momenta and targets are put in units of their own support-set RMS "
         "(`train.task_scale = support_state`: q / a, p / b, targets dq/dt / (a s), dp/dt / (b s)) in the inner and "
         "outer loops, validation and adaptation, for the meta-trained, pre-trained and random models alike; every "
         "error below is in raw units and rollouts integrate the raw field (a s f_q, b s f_p)(q / a, p / b), still "
-        "Hamiltonian. How this option was chosen: docs/meta-learning.md, \"Tasks in their own units\"."
+        "Hamiltonian. The default since it was chosen on held-in systems: docs/meta-learning.md, \"Tasks in their own "
+        "units\"."
     ),
 }
 

@@ -53,8 +53,9 @@ SCHEMA: dict[str, Any] = {
         "loss": "logcosh",
         # Each task's units in the inner loop, the outer loop, validation and adaptation
         # (metaham.meta.batching.task_units): none; support_rms (the field in units of its support-set RMS);
-        # support_state (q, p and the field each in units of their support-set RMS).
-        "task_scale": "none",
+        # support_state (q, p and the field each in units of their support-set RMS; the default, chosen on
+        # held-in systems: docs/meta-learning.md).
+        "task_scale": "support_state",
         "seed": 0,
         "pretrain": True,
         "checkpoint_every": 250,

@@ -255,8 +255,8 @@ def test_a_run_in_task_units_reports_raw_mse(tmp_path, monkeypatch, units_kind):
     run = load_run(tmp_path / "run")
     assert run.config["train"]["task_scale"] == units_kind
     # The outer loop trained in task units: the same run in raw units ends elsewhere from the same start.
-    training.train(load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1"]), tmp_path / "raw",
-                   progress=False)
+    training.train(load_meta_config(TINY, ["train.outer_steps=2", "train.validate_every=1", "train.task_scale=none"]),
+                   tmp_path / "raw", progress=False)
     raw_run = load_run(tmp_path / "raw")
     for kind in ("meta", "pretrained"):
         ours, theirs = run.checkpoints[kind]["model"], raw_run.checkpoints[kind]["model"]
