@@ -55,15 +55,21 @@ def test_exact_hamiltonian_needs_fewer_cycles_and_summary_matches_arrays(rows):
 
 
 def test_bad_start_converges_to_the_same_energy_whatever_the_workers(rows):
-    """The core Hamiltonian is a poor start: more cycles for water, the same converged energy."""
+    """The core Hamiltonian plus seeded symmetric noise (0.3 Eh) is a poor start: more cycles than MINAO's guess on
+    most molecules, the same converged energy. (The plain core Hamiltonian is not reliably worse: cycle counts at
+    QH9's 1e-13 Eh tolerance are erratic, and one water geometry needs 14 cycles from MINAO, 12 from it.)"""
     records, settings = rows
-    core = [_mean_field(r.Z, r.pos, settings).get_hcore() for r in records]
-    one, per_one = scf_acceleration(records, core, settings, workers=1, progress=False)
-    two, per_two = scf_acceleration(records, core, settings, workers=2, progress=False)
+    rng = np.random.default_rng(0)
+    poor = []
+    for r in records:
+        noise = rng.standard_normal((r.norb, r.norb))
+        poor.append(_mean_field(r.Z, r.pos, settings).get_hcore() + 0.15 * (noise + noise.T))
+    one, per_one = scf_acceleration(records, poor, settings, workers=1, progress=False)
+    two, per_two = scf_acceleration(records, poor, settings, workers=2, progress=False)
     assert per_one["converged_pred"].all() and (per_one["abs_de"] <= ENERGY_TOL).all()
-    water = np.array([len(r.Z) == 3 for r in records])
-    assert (per_one["cycles_pred"][water] > per_one["cycles_minao"][water]).all()
-    assert one["scf_slower_fraction"] == pytest.approx(np.mean(per_one["cycles_pred"] > per_one["cycles_minao"]))
+    slower = per_one["cycles_pred"] > per_one["cycles_minao"]
+    assert slower.mean() >= 0.5, (per_one["cycles_pred"], per_one["cycles_minao"])  # measured: 3 of 4
+    assert one["scf_slower_fraction"] == pytest.approx(np.mean(slower))
     for key in ("cycles_minao", "cycles_pred", "converged_minao", "converged_pred"):
         assert per_one[key].tolist() == per_two[key].tolist(), key
     for key in ("energy_minao", "energy_pred"):
