@@ -174,18 +174,18 @@ class _RK4:
 class _Midpoint:
     """Implicit midpoint rule, z1 = z0 + h f((z0 + z1)/2), solved by fixed-point iteration from an explicit Euler
     guess. The iteration converges when h * Lipschitz(f) < 2; a step that does not converge is an error rather
-    than a silent inaccuracy: of the batch (``failed="raise"``), or of the trajectories that did not converge
+    than a silent inaccuracy: of the batch (``on_failure="raise"``), or of the trajectories that did not converge
     (``"nan"``: they are marked in :attr:`failed` and frozen at their state before the step, while the batch
     goes on; non-finite ones at once). The test is the batch's: the largest change over the trajectories still
     running against ``tol * (1 + their largest |z|)``, so a batch where none fails takes the same iterations
     either way."""
 
-    def __init__(self, f: VectorField, tol: float, max_iters: int, failed: str = "raise") -> None:
-        self.f, self.tol, self.max_iters, self.mode = f, tol, max_iters, failed
-        self.failed: Tensor | None = None
+    def __init__(self, f: VectorField, tol: float, max_iters: int, on_failure: str = "raise") -> None:
+        self.f, self.tol, self.max_iters, self.on_failure = f, tol, max_iters, on_failure
+        self.failed: Tensor | None = None  # with on_failure="nan": which trajectories failed, shape q.shape[:-2]
 
     def start(self, q: Tensor, p: Tensor) -> None:
-        self.failed = torch.zeros(q.shape[:-2], dtype=torch.bool, device=q.device) if self.mode == "nan" else None
+        self.failed = torch.zeros(q.shape[:-2], dtype=torch.bool, device=q.device) if self.on_failure == "nan" else None
 
     def step(self, q: Tensor, p: Tensor, h: float) -> tuple[Tensor, Tensor]:
         dq, dp = self.f(q, p)
