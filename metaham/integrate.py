@@ -123,7 +123,7 @@ def _fixed_step_loop(stepper, q0: Tensor, p0: Tensor, t: Tensor, step: float | N
         failed = getattr(stepper, "failed", None)
         if failed is not None and bool(failed.any()):
             # A failed trajectory stays frozen at its last good state inside the stepper; it is saved as NaN.
-            gone = failed.reshape(*failed.shape, 1, 1)
+            gone = _per_trajectory(failed)
             qs.append(torch.where(gone, torch.nan, q))
             ps.append(torch.where(gone, torch.nan, p))
         else:
@@ -194,25 +194,23 @@ class _Midpoint:
             q1, p1 = self._freeze(q, p, q1, p1)
             dq, dp = self.f(0.5 * (q + q1), 0.5 * (p + p1))
             q_next, p_next = q + h * dq, p + h * dp
-            if self.failed is None:
-                change = torch.maximum((q_next - q1).abs().max(), (p_next - p1).abs().max())
-                q1, p1 = q_next, p_next
-                scale = 1.0 + float(torch.maximum(q1.abs().max(), p1.abs().max()))
-            else:
-                per_row = torch.maximum(_row_max((q_next - q1).abs()), _row_max((p_next - p1).abs()))
+            per_row = torch.maximum(_row_max((q_next - q1).abs()), _row_max((p_next - p1).abs()))
+            q1, p1 = q_next, p_next
+            size = torch.maximum(_row_max(q1.abs()), _row_max(p1.abs()))
+            change = per_row
+            if self.failed is not None:
                 self.failed |= ~torch.isfinite(per_row)
                 running = ~self.failed
-                q1, p1 = q_next, p_next
                 if not bool(running.any()):
                     return self._freeze(q, p, q1, p1)
-                change = per_row[running].max()
-                scale = 1.0 + float(torch.maximum(_row_max(q1.abs()), _row_max(p1.abs()))[running].max())
-            if float(change) <= self.tol * scale:
+                change, size = per_row[running], size[running]
+            scale = 1.0 + float(size.max())
+            if float(change.max()) <= self.tol * scale:
                 return self._freeze(q, p, q1, p1)
         if self.failed is None:
             raise IntegrationError(
-                f"implicit midpoint did not converge in {self.max_iters} iterations (last change {float(change):.3g}); "
-                "use a smaller step"
+                f"implicit midpoint did not converge in {self.max_iters} iterations (last change "
+                f"{float(change.max()):.3g}); use a smaller step"
             )
         self.failed |= ~(per_row <= self.tol * scale)
         return self._freeze(q, p, q1, p1)
@@ -221,13 +219,18 @@ class _Midpoint:
         """Failed trajectories keep their state from before the step (finite: safe to evaluate f on)."""
         if self.failed is None or not bool(self.failed.any()):
             return q1, p1
-        gone = self.failed.reshape(*self.failed.shape, 1, 1)
+        gone = _per_trajectory(self.failed)
         return torch.where(gone, q, q1), torch.where(gone, p, p1)
 
 
 def _row_max(x: Tensor) -> Tensor:
     """The largest entry of each trajectory: ``(*batch, n, dim)`` -> ``(*batch,)``."""
     return x.flatten(-2).amax(-1)
+
+
+def _per_trajectory(mask: Tensor) -> Tensor:
+    """A ``(*batch,)`` mask shaped to select whole trajectories of ``(*batch, n, dim)`` states."""
+    return mask.reshape(*mask.shape, 1, 1)
 
 
 def _max_norm(x: Tensor) -> Tensor:
