@@ -77,6 +77,10 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run directory not found: {run_dir}")
+    if not (run_dir / "meta.pt").is_file():  # before the config, whose keys would not say what went wrong
+        qh9 = (run_dir / "last.pt").is_file()
+        hint = " (it holds a `metaham qh9 train` run: score that with `metaham qh9 eval`)" if qh9 else ""
+        raise FileNotFoundError(f"{run_dir / 'meta.pt'} not found; has `metaham meta-train --out {run_dir}` run?{hint}")
     config = saved_config(run_dir)
     checkpoints = {}
     for kind in LEARNERS:
@@ -86,8 +90,6 @@ def load_run(run_dir: str | Path) -> TrainedRun:
             if state.get("format") != CHECKPOINT_FORMAT or state.get("kind") != kind:
                 raise ValueError(f"{path}: not a metaham meta-train checkpoint of the {kind!r} learner")
             checkpoints[kind] = state
-    if "meta" not in checkpoints:
-        raise FileNotFoundError(f"{run_dir / 'meta.pt'} not found; has `metaham meta-train --out {run_dir}` run?")
     return TrainedRun(run_dir, config, resolve_split(config["split"]), checkpoints)
 
 

@@ -196,6 +196,10 @@ def load_model(checkpoint: str | Path, device: torch.device | str = "cpu") -> tu
     returns ``(model, checkpoint dict)``."""
     path = Path(checkpoint)
     if path.is_dir():
+        if not any((path / name).is_file() for name in ("best.pt", "last.pt")) and (path / "meta.pt").is_file():
+            raise FileNotFoundError(
+                f"{path}: no best.pt or last.pt; it holds a `metaham meta-train` run: adapt that with `metaham adapt`"
+            )
         path = path / "best.pt" if (path / "best.pt").is_file() else path / "last.pt"
     state = load_checkpoint(path, map_location=device)
     if state.get("format") != CHECKPOINT_FORMAT:

@@ -49,6 +49,8 @@ CASES = [
     (["adapt", "--checkpoint", "{tmp}/garbage_run", "--system", "pendulum", "--shots", "5", "--steps", "1"],
      "garbage_run"),
     (["adapt", "--checkpoint", "{tmp}/run", "--system", "nosuch", "--shots", "5", "--steps", "1"], "nosuch"),
+    (["adapt", "--checkpoint", "{tmp}/qh9_run", "--system", "pendulum", "--shots", "5", "--steps", "1"],
+     "qh9_run/meta.pt not found; has `metaham meta-train --out {tmp}/qh9_run` run? (it holds a `metaham qh9 train` run"),
     # meta-train configs
     (["meta-train", "--config", "{tmp}/missing.yaml", "--out", "{tmp}/r"], "missing.yaml"),
     (["meta-train", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/r"], "bad.yaml, line 2, column 1: not valid YAML"),
@@ -67,6 +69,7 @@ CASES = [
     (["qh9", "info", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "eval", "--checkpoint", "{tmp}/garbage_run"], "garbage_run"),
+    (["qh9", "eval", "--checkpoint", "{tmp}/run"], "{tmp}/run: no best.pt or last.pt; it holds a `metaham meta-train` run"),
     (["qh9", "eval", "--checkpoint", "{tmp}/garbage_run", "--save-predictions", "{tmp}/a_file/p.npz"],
      "--save-predictions {tmp}/a_file/p.npz: {tmp}/a_file is a file"),
     (["adapt", "--checkpoint", "{tmp}/run", "--system", "pendulum", "--shots", "5", "--steps", "1",
@@ -127,6 +130,9 @@ def hostile_files(tmp_path_factory) -> Path:
     (tmp / "garbage_run").mkdir()
     for name in ("meta.pt", "last.pt", "best.pt", "config.yaml"):
         (tmp / "garbage_run" / name).write_bytes(os.urandom(256))
+    (tmp / "qh9_run").mkdir()  # what the meta commands see of a `qh9 train` run: its checkpoint names
+    for name in ("last.pt", "config.yaml"):
+        (tmp / "qh9_run" / name).write_bytes(os.urandom(256))
     _damaged_qh9_files(tmp)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("METAHAM_CACHE", str(tmp / "cache"))
