@@ -120,7 +120,6 @@ class SparsePairGate(nn.Module):
         pair, first = _unordered_pairs(edge_index, x.shape[0])
         invariants = self.invariants(x, edge_index.index_select(1, first))
         score = self.scorer(invariants).squeeze(-1).index_select(0, pair)
-        invariants = invariants.index_select(0, pair)
         if batch is None or not self.per_graph:
             graph = torch.zeros_like(edge_index[0])
         else:
@@ -139,7 +138,9 @@ class SparsePairGate(nn.Module):
             )
         index = torch.nonzero(score >= threshold).flatten()
         factor = torch.sigmoid(score.index_select(0, index) - threshold.index_select(0, index))  # 1 when exempt
-        return PairSelection(index, invariants.index_select(0, index) * factor.unsqueeze(-1), score, threshold)
+        # Straight from the unordered pairs' rows to the kept columns: no all-pairs copy (and none in backward).
+        kept_invariants = invariants.index_select(0, pair.index_select(0, index))
+        return PairSelection(index, kept_invariants * factor.unsqueeze(-1), score, threshold)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_node}, sparsity={self.sparsity}, per_graph={self.per_graph}, keep_radius={self.keep_radius}"
@@ -166,17 +167,22 @@ def _unordered_pairs(edge_index: torch.Tensor, n_nodes: int) -> tuple[torch.Tens
 def _segment_quantile(score: torch.Tensor, segment: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Per-element threshold: the ``k``-th largest score of its segment, ``k = max(1, round((1-s) E_seg))``.
 
-    Vectorised over segments: one stable sort by score, one stable sort by segment, offsets from counts.
+    Vectorised over segments: the scores go into a ``(segments, longest segment)`` table padded with ``-inf``,
+    and one ``topk`` along its rows gives every segment's ``k``-th largest value. The threshold is a value, so
+    how ties are ordered does not matter, and it stays differentiable: its gradient reaches the score it copies.
     """
     if score.numel() == 0:
         return score
-    order = torch.argsort(score.detach(), descending=True, stable=True)
-    order = order[torch.argsort(segment[order], stable=True)]  # grouped by segment, descending within
     counts = torch.bincount(segment)
     starts = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(segment)
+    grouped = segment.index_select(0, order)
+    column = torch.arange(segment.numel(), device=segment.device) - starts.index_select(0, grouped)
+    table = score.new_full((counts.numel(), int(counts.max())), -torch.inf)
+    table = table.index_put((grouped, column), score.index_select(0, order))
     # The same rounding rule as the tensor-product gate (Python's round), on the few per-segment counts.
     keep = torch.tensor([n_kept(sparsity, c) for c in counts.tolist()], dtype=torch.long, device=score.device)
-    # Empty segments (graphs with no pair) get a harmless index; nothing reads them.
-    pick = torch.clamp(starts + keep - 1, min=0)
-    per_segment = score.index_select(0, order.index_select(0, pick))
+    largest = table.topk(int(keep.max()), dim=1).values
+    # Empty segments (graphs with no pair) read column 0 of a row of -inf; nothing reads their threshold.
+    per_segment = largest.gather(1, (keep - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
     return per_segment.index_select(0, segment)

@@ -5,6 +5,7 @@ from e3nn import o3
 
 from equivariance import assert_equivariant, default_dtype, pair_gate_margin
 from metaham.nn import InteractionBlock, PairInvariants, SparsePairGate
+from metaham.nn.pair_gate import _segment_quantile
 from metaham.nn.sparse_tp import n_kept
 
 FEAT = "4x0e+4x1o+2x2e"
@@ -265,3 +266,22 @@ def test_interaction_block_never_drops_pairs_within_the_keep_radius():
     assert not torch.allclose(block(x, moved, edge_index, batch), out)
     with pytest.raises(ValueError, match="pair_keep_radius"):
         InteractionBlock(FEAT, FEAT, pair_sparsity=0.7, pair_keep_radius=-1.0)
+
+
+def test_segment_quantile_is_each_segments_kth_largest_with_empty_segments_and_ties():
+    g = torch.Generator().manual_seed(3)
+    # Segment 1 is empty (a graph without pairs between two with pairs); segment 3 holds ties at its quantile.
+    segment = torch.tensor([0, 2, 0, 3, 2, 0, 3, 3, 2, 0, 3, 2, 2, 0])
+    score = torch.randn(len(segment), generator=g, dtype=torch.float64)
+    score[segment == 3] = torch.tensor([0.5, 0.5, 0.5, -1.0], dtype=torch.float64)
+    score.requires_grad_()
+    for sparsity in (0.0, 0.3, 0.5, 0.9):
+        threshold = _segment_quantile(score, segment, sparsity)
+        for s in (0, 2, 3):
+            members = score.detach()[segment == s]
+            k = n_kept(sparsity, len(members))
+            assert torch.all(threshold[segment == s] == torch.sort(members, descending=True).values[k - 1])
+    # Differentiable: the gradient of a segment's threshold lands on one score that holds its value.
+    (grad,) = torch.autograd.grad(_segment_quantile(score, segment, 0.5)[segment == 0].sum(), score)
+    assert int((grad != 0).sum()) == 1 and float(grad.sum()) == float((segment == 0).sum())
+    assert score[grad != 0].item() == _segment_quantile(score, segment, 0.5)[segment == 0][0].item()
