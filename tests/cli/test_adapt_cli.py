@@ -140,4 +140,4 @@ def test_missing_run_directory_exits_2_naming_it(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, captured = _adapt(capsys, "--checkpoint", str(tmp_path / "empty"), "--system", "pendulum",
                             "--shots", "5", "--steps", "2")
-    assert code == 2 and "config.yaml" in captured.err
+    assert code == 2 and "empty/meta.pt not found; has `metaham meta-train" in captured.err
