@@ -30,6 +30,10 @@ from .batching import MetaTask, group_tasks
 from .functional import sgd_step
 from .losses import TaskLoss, VectorFieldLoss
 
+#: Default halvings of a non-descending step wherever a trained model is scored by adapting it (``metaham adapt``,
+#: held-in validation during meta-training), so every score uses the same protocol (0 would be plain SGD).
+BACKTRACK = 10
+
 
 @dataclass
 class Adaptation:

@@ -40,7 +40,7 @@ from metaham.train import load_checkpoint
 from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
-from .adapt import adapt_tasks
+from .adapt import BACKTRACK, adapt_tasks
 from .batching import TaskUnits, task_units, to_meta_tasks
 from .losses import field_mse_halves
 from .metrics import energy_relative_error, geometric_mean, rollout_relative_error
@@ -48,7 +48,6 @@ from .config import CHECKPOINT_FORMAT, LEARNERS, build_model, initial_model, res
 
 MODELS = ("meta", "pretrained", "random")
 REPORT_STEPS = (0, 1, 5, 10)
-BACKTRACK = 10  # default halvings of a non-descending adaptation step (0: plain SGD)
 ROLLOUT_METHOD = "implicit_midpoint"
 
 

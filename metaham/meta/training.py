@@ -38,7 +38,7 @@ from metaham.train.run import Run, start_run
 from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
 
-from .adapt import adapt_tasks
+from .adapt import BACKTRACK, adapt_tasks
 from .batching import MetaTask, task_units, to_meta_tasks
 from .config import (
     LEARNERS,
@@ -251,7 +251,11 @@ def _adapt_protocol(kind: str, learner: MAML | Pretrain, config: Mapping[str, An
 
 def _validate(learner, validation: list[Task], config: Mapping[str, Any], device: torch.device) -> float | None:
     """Mean query vector-field MSE of held-in tasks after ``train.validate_steps`` SGD steps at the inner lr, in
-    raw units (the model adapts in the units of ``train.task_scale``; its MSE is mapped back)."""
+    raw units (the model adapts in the units of ``train.task_scale``; its MSE is mapped back).
+
+    The steps are safeguarded as in ``metaham adapt`` (``BACKTRACK`` halvings of a step that would raise the
+    support loss): with plain SGD a model near the edge of stability, as the pre-trained one can be at lr 0.3,
+    logged a validation MSE of 1.0 or NaN where the adaptation that scores it stays finite."""
     if not validation:
         return None
     model, names, lrs = learner.model, None, config["maml"]["inner_lr"]
@@ -264,7 +268,8 @@ def _validate(learner, validation: list[Task], config: Mapping[str, Any], device
         tasks = [task.to(device) for task in validation]
         units = task_units(tasks, config["train"]["task_scale"])
         outcomes = adapt_tasks(model, to_meta_tasks(tasks, units), steps=steps, lr=lrs,
-                               eval_at=[steps], loss=task_loss(config), metric=field_mse_halves, names=names)
+                               eval_at=[steps], loss=task_loss(config), metric=field_mse_halves, names=names,
+                               backtrack=BACKTRACK)
     finally:
         model.train()
     halves = torch.tensor([o.query_loss[-1] for o in outcomes], dtype=torch.float64)

@@ -183,3 +183,20 @@ def test_run_directory_rules(tmp_path):
         training.train(_config("model.hidden=16"), tmp_path, resume=True, progress=False)
     with pytest.raises(ConfigError, match="config.yaml not found"):
         training.train(_config(), tmp_path / "elsewhere", resume=True, progress=False)
+
+
+def test_held_in_validation_adapts_with_the_same_safeguard_as_metaham_adapt(monkeypatch):
+    """At an inner rate far past the edge of stability, plain SGD sends the validation MSE through the roof; the
+    safeguarded steps of `metaham adapt` (a step that would raise the support loss is halved) keep it near its
+    start. Validation scores a model the way adaptation will."""
+    config = _config("maml.inner_lr=200.0", "train.validate_steps=3")
+    split = meta_config.resolve_split(config["split"])
+    validation = training._validation_tasks(config, split, None, False)
+    learner = meta_config.make_learner("pretrained", meta_config.initial_model(config, 0), config)
+    # A vanishing rate leaves the model where it starts.
+    at_start = training._validate(learner, validation, _config("maml.inner_lr=1.0e-12"), torch.device("cpu"))
+    safeguarded = training._validate(learner, validation, config, torch.device("cpu"))
+    monkeypatch.setattr(training, "BACKTRACK", 0)
+    plain = training._validate(learner, validation, config, torch.device("cpu"))
+    assert safeguarded <= 1.5 * at_start
+    assert not plain < 100 * at_start  # plain SGD: far larger, or not a number at all
