@@ -50,12 +50,6 @@ def check_output(path: str | os.PathLike, name: str = "output", folder: bool = F
         raise OutputError(f"{name} {path}: {ancestor} is not writable")
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on success it replaces ``path``.
@@ -77,7 +71,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     for stale in path.parent.glob(f"{glob_escape(prefix)}*{glob_escape(suffix)}"):
         stale.unlink(missing_ok=True)
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+    except OSError as exc:  # name the file the user asked for, not the temporary one that could not be made
+        raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc.strerror or exc})") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:

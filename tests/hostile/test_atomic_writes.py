@@ -82,3 +82,12 @@ def test_check_output_refuses_a_read_only_folder(tmp_path):
             check_output(locked / "out.npz", "--out")
     finally:
         os.chmod(locked, 0o755)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no regular file can be made")
+def test_a_folder_that_takes_no_new_file_is_reported_by_the_path_asked_for():
+    # /proc passes the permission check (it is a writable folder for root) but refuses new files: the error
+    # names /proc/out.npz, not the hidden temporary name that could not be created.
+    with pytest.raises(OutputError, match=r"^/proc/out\.npz: cannot create a file in /proc \("):
+        with atomic_output("/proc/out.npz") as tmp:
+            tmp.write_bytes(b"x")
