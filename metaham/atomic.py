@@ -3,14 +3,18 @@
 Every writer of results (checkpoints, configs, data files, figures) goes through :func:`atomic_output`: the
 content goes to a temporary file in the destination's folder (same file system, so the rename is atomic), is
 flushed to disk, and is renamed over the destination only when complete. An interrupted job leaves the previous
-file intact; the temporary file a killed writer left behind is removed by the next write of the same file. A
+file intact; the temporary file a killed writer left behind is removed by the next write of the same file,
+while another process writing the same file at the same time (two runs filling one cache) keeps its own. A
 rewritten file keeps its permission bits. :func:`check_output` refuses an unusable location before the work
 that produces the file starts.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
+import socket
 import tempfile
 from glob import escape as glob_escape
 from collections.abc import Iterator
@@ -65,14 +69,11 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix, suffix = f".{path.name}.", path.suffix or ".tmp"
-    # A writer killed between mkstemp and the rename (kill -9, power loss) leaves its temporary file: only this
-    # module makes names of this shape, and one file has one writer at a time, so any such file is stale.
-    for stale in path.parent.glob(f"{glob_escape(prefix)}*{glob_escape(suffix)}"):
-        stale.unlink(missing_ok=True)
+    suffix = path.suffix or ".tmp"
+    _remove_stale_temporaries(path, suffix)
     mode = path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask()
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.w{os.getpid()}-{_HOST}-", suffix=suffix)
     except OSError as exc:  # name the file the user asked for, not the temporary one that could not be made
         raise OutputError(f"{path}: cannot create a file in {path.parent} ({exc.strerror or exc})") from None
     os.close(fd)
@@ -86,6 +87,39 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+# Temporary names carry their writer: ".NAME.w<pid>-<host tag>-<random><suffix>". Two processes may write the same
+# file at once (two runs filling one task-pool cache), so a temporary file is stale only when its writer is gone.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+_RANDOM = "[a-z0-9_]{8}"  # what mkstemp appends
+
+
+def _remove_stale_temporaries(path: Path, suffix: str) -> None:
+    """Remove the temporary files of ``path`` that a killed writer left (kill -9, power loss): those of a process
+    of this machine that no longer runs, and unattributed ones (written before names carried their writer).
+    Another live process's file, or another machine's (a shared file system), is left alone."""
+    name, tail = re.escape(path.name), re.escape(suffix)
+    ours = re.compile(rf"\.{name}\.w(\d+)-([0-9a-f]{{8}})-{_RANDOM}{tail}")
+    legacy = re.compile(rf"\.{name}\.{_RANDOM}{tail}")
+    for candidate in path.parent.glob(f"{glob_escape(f'.{path.name}.')}*{glob_escape(suffix)}"):
+        match = ours.fullmatch(candidate.name)
+        if match is not None:
+            if match.group(2) != _HOST or _running(int(match.group(1))):
+                continue
+        elif legacy.fullmatch(candidate.name) is None:
+            continue  # not a temporary file of this module
+        candidate.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -91,3 +91,34 @@ def test_a_folder_that_takes_no_new_file_is_reported_by_the_path_asked_for():
     with pytest.raises(OutputError, match=r"^/proc/out\.npz: cannot create a file in /proc \("):
         with atomic_output("/proc/out.npz") as tmp:
             tmp.write_bytes(b"x")
+
+
+def test_two_processes_writing_one_file_at_once_do_not_delete_each_others_temporary_file(tmp_path):
+    """Two runs that share a task-pool cache may write the same pool file at the same moment: the second writer
+    must not take the first one's live temporary file for a killed writer's leftover (it did, and the first run
+    died with 'No such file or directory' on its own temporary file)."""
+    target, go = tmp_path / "pool.pt", tmp_path / "go"
+    script = (
+        "import time\nfrom pathlib import Path\nfrom metaham.atomic import atomic_output\n"
+        f"with atomic_output({str(target)!r}) as tmp:\n"
+        "    tmp.write_bytes(b'first')\n    print('writing', flush=True)\n"
+        f"    while not Path({str(go)!r}).exists():\n        time.sleep(0.01)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "writing"
+        atomic_write_bytes(target, b"second")  # meanwhile, in this process
+        assert target.read_bytes() == b"second"
+        go.touch()
+        _, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert target.read_bytes() == b"first" and sorted(p.name for p in tmp_path.iterdir()) == ["go", "pool.pt"]
+
+
+def test_a_temporary_file_in_the_old_naming_is_still_cleaned_up(tmp_path):
+    leftover = tmp_path / ".meta.pt.k2j9x_0a.pt"  # what mkstemp made before names carried their writer
+    leftover.write_bytes(b"half")
+    atomic_write_bytes(tmp_path / "meta.pt", b"complete")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.pt"]
