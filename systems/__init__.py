@@ -24,6 +24,7 @@ from .base import Param, System
 _REGISTRY: dict[str, Callable[[], System]] = {}
 _BUILTIN_MODULES = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror", "nbody", "spring_chain")
 _loaded_builtins = False
+_PLUGIN_FILES: dict[str, str] = {}  # resolved path -> the path as given, of every plugin loaded so far
 
 
 class UnknownSystemError(UserError, KeyError):
@@ -127,11 +128,28 @@ def load_plugin(path: str | Path) -> list[str]:
     added = [k for k, v in _REGISTRY.items() if before.get(k) is not v]
     if not added:
         raise PluginError(f"plugin {path}: registered no system (decorate a System subclass with @systems.register)")
+    _PLUGIN_FILES[str(path.resolve())] = str(path)
     return added
 
 
+def plugin_failure(exc: BaseException) -> str | None:
+    """The one-line report of an exception raised by a loaded plugin's own code (its ``vector_field``, say, while
+    a task pool is simulated): ``"plugin FILE, line N: Type: message"``, from the deepest frame in a plugin file
+    of the exception or of one it was raised from; None when no plugin code is involved."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for resolved, given in _PLUGIN_FILES.items():
+            line = _line_in(exc, Path(resolved))
+            if line:
+                return f"plugin {given}{line}: {type(exc).__name__}: {exc}"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def _line_in(exc: BaseException, path: Path) -> str:
-    """``", line N"`` of the deepest frame of ``exc``'s traceback inside ``path`` (a SyntaxError has its own)."""
+    """``", line N"`` of the deepest frame of ``exc``'s traceback inside ``path`` (a SyntaxError has its own);
+    empty when there is none."""
     if isinstance(exc, SyntaxError) and exc.lineno:
         return f", line {exc.lineno}"
     line, tb, target = "", exc.__traceback__, str(path.resolve())
@@ -142,4 +160,7 @@ def _line_in(exc: BaseException, path: Path) -> str:
     return line
 
 
-__all__ = ["DuplicateSystemError", "Param", "System", "UnknownSystemError", "register", "names", "get", "load_plugin"]
+__all__ = [
+    "DuplicateSystemError", "Param", "System", "UnknownSystemError", "register", "names", "get", "load_plugin",
+    "plugin_failure",
+]

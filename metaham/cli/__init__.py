@@ -118,6 +118,12 @@ def user_error_message(exc: BaseException) -> str | None:
     """The one-line message for a failure the user caused, or ``None`` for anything else (a bug)."""
     if isinstance(exc, UserError):
         return str(exc)
+    # An exception from a plugin's own code is the plugin author's to fix: name the file and line (--debug shows
+    # the traceback). Through sys.modules: the registry is loaded only by the commands that use systems.
+    registry = sys.modules.get("systems")
+    report = registry.plugin_failure(exc) if registry is not None else None
+    if report is not None:
+        return report + " (run with --debug for the traceback)"
     if isinstance(exc, OSError) and exc.errno in _PATH_ERRNOS and exc.filename is not None:
         where = f"{exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
         return f"{where}: {exc.strerror or exc}"

@@ -54,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
+    import systems
     from metaham.integrate import SEPARABLE_ONLY, simulate
     from metaham.viz import relative_energy_error
 
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         q, p = simulate(system, params, q0, p0, t, method, step=args.dt, rtol=args.tol, atol=args.tol)
     except RuntimeError as exc:  # non-converging implicit step, step-size underflow: the user's settings
+        if systems.plugin_failure(exc) is not None:
+            raise  # not the settings: the plugin's own code failed, and the error handler names its file and line
         raise UsageError(f"{system.name} with --integrator {method}: {exc}") from exc
     wall = time.perf_counter() - start
     energy = system.hamiltonian(q, p, params).transpose(0, 1)  # (n_traj, T)

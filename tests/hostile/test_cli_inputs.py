@@ -21,6 +21,12 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY_META = str(ROOT / "tests" / "meta" / "tiny_meta_train.yaml")
 PROGRESS_BAR = re.compile(r"^[\w ]*:\s+\d+%\|")
 NAN_VECTOR_FIELD = "return surplus_pad(px / m * float('nan')), surplus_pad(-alpha * x - beta * x**3)"
+# The Duffing example whose vector_field raises (a bug in a user's plugin), and the line that raises.
+FIELD_DEF = "    def vector_field(self, q, p, params):\n"
+_DUFFING = (ROOT / "examples" / "duffing.py").read_text()
+FIELD_RAISES = _DUFFING.replace('name = "duffing"', 'name = "field_raises"').replace(
+    FIELD_DEF, FIELD_DEF + "        raise RuntimeError('field boom')\n")
+FIELD_RAISES_LINE = FIELD_RAISES.splitlines().index("        raise RuntimeError('field boom')") + 1
 
 CASES = [
     # plugins
@@ -33,6 +39,14 @@ CASES = [
      "trajectory 0 is not finite"),
     (["adapt", "--checkpoint", "{tmp}/run", "--plugin", "{tmp}/nan.py", "--system", "nan_duffing", "--shots", "5",
       "--steps", "1", "--tasks", "2", "--no-progress"], "nan_duffing: simulating its task pool"),
+    # a plugin whose own code fails once it runs: its file and line, whichever command calls it
+    (["simulate", "--system", "field_raises", "--plugin", "{tmp}/field_raises.py", "--out", "{tmp}/out.npz"],
+     f"field_raises.py, line {FIELD_RAISES_LINE}: RuntimeError: field boom (run with --debug"),
+    (["simulate", "--system", "field_raises", "--plugin", "{tmp}/field_raises.py", "--integrator", "dop853"],
+     f"field_raises.py, line {FIELD_RAISES_LINE}: RuntimeError: field boom"),
+    (["adapt", "--checkpoint", "{tmp}/run", "--plugin", "{tmp}/field_raises.py", "--system", "field_raises",
+      "--shots", "5", "--steps", "1", "--tasks", "2", "--no-progress"],
+     f"field_raises.py, line {FIELD_RAISES_LINE}: RuntimeError: field boom"),
     # simulate: values and output locations
     (["simulate", "--system", "nosuch"], "unknown system 'nosuch'"),
     (["simulate", "--system", "pendulum", "--param", "g=nan"], "'g'"),
@@ -114,11 +128,12 @@ def hostile_files(tmp_path_factory) -> Path:
     (tmp / "syntax.py").write_text("def broken(:\n")
     (tmp / "empty.py").write_text("import systems\nx = 1\n")
     _pendulum_plugin(tmp / "duplicate.py", "Mine", "pendulum", "@systems.register")
-    duffing = (ROOT / "examples" / "duffing.py").read_text()
-    nan_field = duffing.replace('name = "duffing"', 'name = "nan_duffing"').replace(
+    nan_field = _DUFFING.replace('name = "duffing"', 'name = "nan_duffing"').replace(
         "return surplus_pad(px / m), surplus_pad(-alpha * x - beta * x**3)", NAN_VECTOR_FIELD)
     assert NAN_VECTOR_FIELD in nan_field and "nan_duffing" in nan_field  # the example still has that shape
     (tmp / "nan.py").write_text(nan_field)
+    assert FIELD_RAISES.count("field boom") == 1  # the example still has that shape
+    (tmp / "field_raises.py").write_text(FIELD_RAISES)
     (tmp / "bad.yaml").write_text("split: [\n")
     (tmp / "no_atoms.xyz").write_text("0\n\n")
     (tmp / "coincident.xyz").write_text("2\n\nH 0 0 0\nH 0 0 0.01\n")
