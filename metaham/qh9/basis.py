@@ -22,10 +22,6 @@ SYMBOLS = {1: "H", 6: "C", 7: "N", 8: "O", 9: "F"}
 SHELLS: dict[int, tuple[int, ...]] = {1: (0, 0, 1), **{z: (0, 0, 0, 1, 1, 2) for z in (6, 7, 8, 9)}}
 N_AO: dict[int, int] = {z: sum(2 * l + 1 for l in shells) for z, shells in SHELLS.items()}  # H 5, heavy 14
 
-# pyscf's full table of element symbols is not needed to name an unsupported element: a short list suffices.
-_ELEMENT_NAMES = (
-    "X H He Li Be B C N O F Ne Na Mg Al Si P S Cl Ar K Ca Sc Ti V Cr Mn Fe Co Ni Cu Zn Ga Ge As Se Br Kr"
-).split()
 
 
 class UnsupportedError(UserError, ValueError):
@@ -33,8 +29,10 @@ class UnsupportedError(UserError, ValueError):
 
 
 def element_name(z: int) -> str:
-    """``"S"`` for 16 (falls back to ``"Z=118"`` beyond krypton)."""
-    return _ELEMENT_NAMES[z] if 0 < z < len(_ELEMENT_NAMES) else f"Z={z}"
+    """``"S"`` for 16, ``"U"`` for 92 (ase's table of the 118 elements); ``"Z=0"`` for a number outside it."""
+    from ase.data import chemical_symbols  # only when an element has to be named
+
+    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
 
 
 def normalize_basis(name: str) -> str:
@@ -50,7 +48,8 @@ def check_elements(Z: np.ndarray, where: str = "") -> None:
     """Raise :class:`UnsupportedError` naming the first element of ``Z`` (``(n_atoms,)``) that is not H/C/N/O/F."""
     bad = sorted({int(z) for z in np.asarray(Z).ravel()} - set(SHELLS))
     if bad:
-        names = ", ".join(f"{element_name(z)} (Z={z})" for z in bad)
+        names = ", ".join(name if name.startswith("Z=") else f"{name} (Z={z})"
+                          for z, name in ((z, element_name(z)) for z in bad))
         prefix = f"{where}: " if where else ""
         raise UnsupportedError(f"{prefix}element {names} not supported: def2-SVP layout covers H, C, N, O, F only")
 

@@ -1,12 +1,13 @@
 """Readers: generated SQLite round trip, QHBench LMDB and QH9-dynamic layouts, bad files."""
 import pickle
+import re
 import shutil
 import sqlite3
 
 import numpy as np
 import pytest
 
-from metaham.qh9.basis import UnsupportedError
+from metaham.qh9.basis import UnsupportedError, check_elements
 from metaham.qh9.formats import BOHR, QH9FormatError, describe, open_qh9
 
 
@@ -165,3 +166,13 @@ def test_describe(generated):
     assert info["atoms"] == {"min": 2, "mean": 2.5, "max": 3} and info["orbitals"]["max"] == 24
     assert info["molecules"] == 2 and info["failed"] == 0 and info["has_H_init"]
 
+
+
+@pytest.mark.parametrize("Z, named", [
+    ([92, 1], "element U (Z=92) not supported"),  # beyond krypton: ase's table names it too
+    ([16, 26], "element S (Z=16), Fe (Z=26) not supported"),
+    ([0, 1], "element Z=0 not supported"),  # not an element at all: the number alone
+])
+def test_an_unsupported_element_is_named_once_by_symbol_and_number(Z, named):
+    with pytest.raises(UnsupportedError, match=re.escape(f"mol.xyz: {named}: def2-SVP layout covers H, C, N, O, F")):
+        check_elements(np.array(Z), "mol.xyz")
