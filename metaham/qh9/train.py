@@ -56,7 +56,7 @@ from metaham.train.log import read_log as _read_log
 from metaham.train.loop import Clock, LoopSettings, run_loop
 from metaham.train.run import Run, RunSpec, start_run
 
-from .data import batches, epoch_order, make_dataset, open_data, split_positions, step_cost
+from .data import batches, epoch_order, make_dataset, open_data, split_positions, split_scheme, step_cost
 from .dataset import QH9Dataset, matrices
 from .eigen_loss import EigenWeights, batch_eigen_loss
 from .model import CHECKPOINT_FORMAT, QH9Model, build_model
@@ -231,9 +231,12 @@ def train(
         train_set = make_dataset(file, split_positions(file, config["data"], "train"), residual)
         val_set = make_dataset(file, split_positions(file, config["data"], "val"), residual)
         if not len(train_set) or not len(val_set):
+            scheme = split_scheme(file, config["data"])
+            named = f"auto split ({scheme} here)" if config["data"]["split_by"] == "auto" else f"{scheme} split"
+            remedy = "more rows" if scheme == "stable-id" else "more rows, or data.split_by=stable-id"
             raise ConfigError(
-                f"{file.path}: the {config['data']['split_by']} split leaves {len(train_set)} training and "
-                f"{len(val_set)} validation rows; both must be non-empty (use more rows, or data.split_by=stable-id)"
+                f"{file.path}: the {named} leaves {len(train_set)} training and {len(val_set)} validation rows of "
+                f"{len(file)}; both must be non-empty (use {remedy})"
             )
         _check_batches_fill_the_ranks(len(train_set), config["train"]["batch_size"], world)
         run = start_run(run_dir, copy.deepcopy(config), RUN, resume=resume, world=world)

@@ -79,6 +79,10 @@ CASES = [
     (["meta-train", "--resume", "--out", "{tmp}/run_malicious"], "meta.pt: refused"),
     # qh9
     (["qh9", "train", "--data", "{tmp}/not_a_db.db", "--out", "{tmp}/new_run"], "not_a_db.db: not a QH9 file"),
+    (["qh9", "train", "--data", "{tmp}/two_rows.db", "--out", "{tmp}/new_run", "--set", "data.split_by=stable-id"],
+     "the stable-id split leaves 1 training and 0 validation rows of 2; both must be non-empty (use more rows)"),
+    (["qh9", "train", "--data", "{tmp}/two_rows.db", "--out", "{tmp}/new_run"],
+     "the auto split (dynamic-geo here) leaves"),
     (["qh9", "info", "{tmp}/missing.db"], "missing.db: no such file"),
     (["qh9", "info", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
     (["qh9", "baseline", "--data", "{tmp}/not_a_db.db"], "not_a_db.db: not a QH9 file"),
@@ -195,7 +199,7 @@ def _damaged_qh9_files(tmp: Path) -> None:
                 H[3] = np.nan
                 blob = H.tobytes()
             db.execute("UPDATE data SET Ham = ? WHERE id = ?", (blob[:100] if name == "short_H.db" else blob, row))
-    (tmp / "h2.db").unlink()
+    (tmp / "h2.db").rename(tmp / "two_rows.db")  # intact, but too small to split
 
 
 def _listing(folder: Path) -> dict[str, int]:
