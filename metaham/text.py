@@ -22,6 +22,12 @@ def table(rows: Iterable[Iterable[Any]], header: Iterable[str]) -> str:
     return "\n".join(out)
 
 
+def bar_disabled(progress: bool | None) -> bool | None:
+    """tqdm's ``disable`` for a progress setting: True shows the bar, False hides it, None leaves it to tqdm (shown
+    only when stderr is a terminal, so logs of batch jobs hold no bars)."""
+    return None if progress is None else not progress
+
+
 def eprint(*a: Any) -> None:
     """Print to stderr, flushed: progress and notes, so that stdout holds only the summary and the JSON line."""
     print(*a, file=sys.stderr, flush=True)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from metaham.errors import IntegrationError, NonFiniteError
 from metaham.integrate import ADAPTIVE, simulate
+from metaham.text import bar_disabled
 from systems.base import System, uniform
 
 from .cache import DATA_VERSION, derive_seed, digest, load_pool, pool_path, save_pool
@@ -158,7 +159,7 @@ def _simulate(system: System, config: TaskConfig, ranges: Ranges, seed: int, pro
     rollout_t = torch.linspace(0.0, config.rollout_t_end, config.rollout_steps + 1, dtype=torch.float64)
 
     total = n_tasks * (n_traj + n_roll)
-    with tqdm(total=total, desc=f"simulating {system.name}", unit="traj", disable=_disable(progress)) as bar:
+    with tqdm(total=total, desc=f"simulating {system.name}", unit="traj", disable=bar_disabled(progress)) as bar:
         q, p, points_drift = _integrate(
             system, config, config.points_tolerance, params, n_traj, q0[:, :n_traj], p0[:, :n_traj], t, bar
         )
@@ -239,11 +240,6 @@ def _source_digest(system: System) -> str:
         return digest(inspect.getsource(module)) if module is not None else ""
     except (OSError, TypeError):
         return ""
-
-
-def _disable(progress: bool | None) -> bool | None:
-    # None lets tqdm decide (off when stderr is not a terminal).
-    return None if progress is None else not progress
 
 
 __all__ = ["Pool", "build_pool", "pool_key", "resolve_ranges"]

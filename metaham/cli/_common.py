@@ -50,6 +50,16 @@ def add_json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print one JSON object as the last line")
 
 
+def add_progress_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (by default they go to stderr when it is a terminal)")
+
+
+def progress_setting(args: argparse.Namespace) -> bool | None:
+    """What ``--no-progress`` means to the library calls: False hides the bars, None shows them on a terminal."""
+    return False if args.no_progress else None
+
+
 def parse_key_values(items: list[str], flag: str) -> dict[str, str]:
     """``["a=1", "b=x"]`` -> ``{"a": "1", "b": "x"}``; a malformed item is a usage error naming it."""
     out = {}

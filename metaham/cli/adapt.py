@@ -8,7 +8,7 @@ from metaham.errors import UsageError
 from metaham.options import add_device_flag, add_plugin_flag, get_system, load_plugins, positive, resolve_device
 from metaham.text import table
 
-from ._common import add_json_flag, emit
+from ._common import add_json_flag, add_progress_flag, emit, progress_setting
 
 HELP = "adapt the meta-trained, pre-trained and random models to fresh tasks of a system and compare them"
 EXAMPLES = """
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="halve a step that does not lower the support loss up to M times, skip it if none "
                              "does (default: 10; 0: plain SGD)")
     parser.add_argument("--plot", metavar="FILE.png", default=None, help="save adaptation curves and a rollout here")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(parser)
     add_plugin_flag(parser)
     add_device_flag(parser)
     add_json_flag(parser)
@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         report = evaluate_adaptation(
             run_, args.system, shots=args.shots, steps=args.steps, n_tasks=args.tasks, seed=args.seed, lr=args.lr,
             **({} if args.backtrack is None else {"backtrack": args.backtrack}),
-            device=device, progress=False if args.no_progress else None,
+            device=device, progress=progress_setting(args),
         )
     except ConfigError as exc:  # e.g. more shots than a task's trajectories hold
         raise UsageError(str(exc)) from None

@@ -7,7 +7,7 @@ from metaham.errors import UsageError
 from metaham.options import add_plugin_flag, load_plugins, resolve_device
 from metaham.text import eprint, table
 
-from ._common import add_json_flag, emit
+from ._common import add_json_flag, add_progress_flag, emit, progress_setting
 
 HELP = "meta-train a HamiltonianGNN with MAML (and the pre-trained baseline) on the training systems of a split"
 EXAMPLES = """
@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory for checkpoints, logs, config")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_flag(parser)
     add_plugin_flag(parser)
     add_json_flag(parser)
 
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         # Under torchrun the ranks train together (one process otherwise); rank 0 alone writes and prints.
         with open_world(resolve_device(config["device"])) as world:
             results = training.train(config, run_dir, resume=args.resume,
-                                     progress=False if args.no_progress else None, world=world)
+                                     progress=progress_setting(args), world=world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from None
     except FloatingPointError as exc:  # a diverging run: say so plainly; the last checkpoint is kept

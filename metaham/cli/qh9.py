@@ -8,7 +8,7 @@ from metaham.errors import UsageError
 from metaham.options import add_device_flag, positive, resolve_device
 from metaham.text import eprint, table
 
-from ._common import add_json_flag, emit
+from ._common import add_json_flag, add_progress_flag, emit, progress_setting
 
 HELP = (
     "QH9 (B3LYP/def2-SVP Kohn-Sham matrices): generate data with pyscf, inspect files, score baselines, "
@@ -81,6 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "per geometry on one core; QH9's molecules have up to ~230)",
     )
     add_json_flag(p)
+    add_progress_flag(p)
     p.set_defaults(_qh9=_generate)
 
     p = sub.add_parser(
@@ -123,6 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_flag(p)
     _add_trust_flag(p)
     add_json_flag(p)
+    add_progress_flag(p)
     p.set_defaults(_qh9=_baseline)
 
     _add_model_commands(sub)
@@ -203,7 +205,7 @@ def _generate(args: argparse.Namespace) -> int:
         stats = generate(
             args.out, molecules, conformers=args.conformers, displacement=args.displacement,
             settings=settings, workers=args.workers, seed=args.seed, shard=args.shard,
-            max_orbitals=args.max_orbitals,
+            max_orbitals=args.max_orbitals, progress=progress_setting(args),
         )
     except ValueError as exc:  # bad molecule, basis, xc, or an --out file that cannot be resumed
         raise UsageError(str(exc)) from exc
@@ -279,7 +281,7 @@ def _baseline(args: argparse.Namespace) -> int:
         try:
             result = score_baselines(
                 f, part=args.split, scheme=None if args.split_by == "auto" else args.split_by, seed=args.seed,
-                names=names, device=device, batch_size=args.batch_size,
+                names=names, device=device, batch_size=args.batch_size, progress=progress_setting(args),
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
@@ -325,6 +327,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: the config's device)")
     _add_trust_flag(p)
     add_json_flag(p)
+    add_progress_flag(p)
     p.set_defaults(_qh9=_train)
 
     p = sub.add_parser(
@@ -351,6 +354,7 @@ def _add_model_commands(sub) -> None:
     add_device_flag(p)
     _add_trust_flag(p)
     add_json_flag(p)
+    add_progress_flag(p)
     p.set_defaults(_qh9=_eval)
 
 
@@ -377,7 +381,8 @@ def _train(args: argparse.Namespace) -> int:
             raise UsageError("--data FILE is required (or --resume a run that has one)")
         # Under torchrun the ranks train together (one process otherwise); rank 0 alone writes and prints.
         with open_world(resolve_device(config["device"])) as world:
-            result = train(config, args.out, resume=args.resume, trust_pickle=args.trust_pickle, world=world)
+            result = train(config, args.out, resume=args.resume, progress=progress_setting(args),
+                           trust_pickle=args.trust_pickle, world=world)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
     except FloatingPointError as exc:  # a diverging run: say so plainly; last.pt keeps the last good step
@@ -417,6 +422,7 @@ def _eval(args: argparse.Namespace) -> int:
             summary, predictions = evaluate_checkpoint(
                 args.checkpoint, args.data, args.split, world.device_for(device), args.batch_size,
                 keep_predictions=bool(args.save_predictions) or args.scf, trust_pickle=args.trust_pickle,
+                progress=progress_setting(args),
             )
     except (ConfigError, ValueError) as exc:  # ValueError also: a bad METAHAM_DIST_TIMEOUT
         raise UsageError(str(exc)) from exc
@@ -431,7 +437,8 @@ def _eval(args: argparse.Namespace) -> int:
         from metaham.qh9.scf import file_scf_acceleration, scf_report
 
         scf_summary, _ = file_scf_acceleration(
-            summary["data"], predictions, args.scf_workers, trust_pickle=args.trust_pickle
+            summary["data"], predictions, args.scf_workers, trust_pickle=args.trust_pickle,
+            progress=progress_setting(args),
         )
         result.update(scf_summary)
     s = summary

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 import systems
 from metaham.hamiltonian import HamiltonianGNN, system_edge_index
 from metaham.integrate import odeint_hamiltonian
+from metaham.text import bar_disabled
 from metaham.train import load_checkpoint
 from tasks import Split, Task, TaskConfig, TaskDistribution
 from tasks.cache import derive_seed
@@ -221,7 +222,7 @@ def evaluate_adaptation(
     meta_tasks = to_meta_tasks(tasks, units)  # the same views for every model
     results = {}
     bar = tqdm(total=len(models), desc="adapting", unit="model",
-               disable=None if progress is None else not progress)
+               disable=bar_disabled(progress))
     for name, (model, protocol) in models.items():
         outcomes = adapt_tasks(model, meta_tasks, steps=steps, lr=protocol["lr"],
                                loss=task_loss(config), metric=field_mse_halves, names=protocol["names"],

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
+from metaham.text import bar_disabled
+
 from .dataset import QH9Dataset, matrices
 from .evaluate import Predictor, evaluate_model
 from .formats import QH9File
@@ -44,7 +46,7 @@ def minao_predictor(settings: DFTSettings = DFTSettings()) -> Predictor:
 
 
 def mean_matrices(
-    file: QH9File, positions: Sequence[int], molecules: set[str], progress: bool = True
+    file: QH9File, positions: Sequence[int], molecules: set[str], progress: bool | None = True
 ) -> dict[str, np.ndarray]:
     """Mean ``H`` per molecule over the rows at ``positions`` whose molecule is in ``molecules`` (streamed)."""
     from tqdm import tqdm
@@ -52,7 +54,7 @@ def mean_matrices(
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     rows = file.records(positions)
-    for record in tqdm(rows, total=len(positions), desc="mean", unit="row", file=sys.stderr, disable=not progress):
+    for record in tqdm(rows, total=len(positions), desc="mean", unit="row", file=sys.stderr, disable=bar_disabled(progress)):
         if record.molecule not in molecules:
             continue
         if record.molecule in sums and sums[record.molecule].shape != record.H.shape:
@@ -79,7 +81,7 @@ def score_baselines(
     names: Sequence[str] = BASELINES,
     device: torch.device | str | None = None,
     batch_size: int = 16,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> dict:
     """Score the baselines ``names`` on ``part`` of ``file`` under the split ``scheme``.
 

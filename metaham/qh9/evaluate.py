@@ -31,6 +31,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
+from metaham.text import bar_disabled
 from metaham.train.checkpoint import atomic_write_bytes, load_checkpoint
 from metaham.train.distributed import World, all_gather_objects, current_world, gather_objects, shard_slice
 
@@ -128,7 +129,7 @@ def evaluate_model(
     batch_size: int = 16,
     device: torch.device | str | None = None,
     keep_predictions: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     num_workers: int = 0,
     world: World | None = None,
 ) -> tuple[dict[str, float], dict[int, np.ndarray]]:
@@ -162,7 +163,7 @@ def evaluate_model(
     batches = shard_slice(-(-len(dataset) // batch_size), world)
     mine = dataset[batches.start * batch_size : batches.stop * batch_size]
     loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
-    hide = not (progress and world.is_main)
+    hide = True if not world.is_main else bar_disabled(progress)  # one bar for a run: rank 0's
     with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
         for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=hide):
             batch = batch.to(device)
@@ -216,7 +217,7 @@ def evaluate_checkpoint(
     device: torch.device | str = "cpu",
     batch_size: int | None = None,
     keep_predictions: bool = False,
-    progress: bool = True,
+    progress: bool | None = True,
     trust_pickle: bool = False,
 ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     """QH9 metrics of a trained model on ``part`` of ``data`` (default: the training file), split as in training,

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 from metaham.errors import InvalidValueError
+from metaham.text import bar_disabled
 
 from .basis import N_AO, UnsupportedError, check_elements, n_orbitals, normalize_basis
 from .shards import Shard, assign, brief, job_record
@@ -400,7 +401,7 @@ def generate(
     settings: DFTSettings = DFTSettings(),
     workers: int = 1,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = True,
     shard: Shard | None = None,
     max_orbitals: int = MAX_ORBITALS,
 ) -> dict:
@@ -414,7 +415,7 @@ def generate(
         settings: pyscf settings (QH9's by default; only def2-SVP is supported).
         workers: processes; each runs pyscf on one thread when ``workers > 1``.
         seed: seed of the displacements.
-        progress: show a progress bar with ETA on stderr.
+        progress: a progress bar with ETA on stderr (None: only when stderr is a terminal).
         shard: compute only this share of the job (:mod:`metaham.qh9.shards`); rows then carry their job
             position + 1 as id, and the file records the shard and the job.
         max_orbitals: refuse molecules with more atomic orbitals (cost grows ~ norb^2.1, see
@@ -475,7 +476,7 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(
-            total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr, disable=not progress
+            total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr, disable=bar_disabled(progress)
         )
         eta = _CostClock([estimated_scf_seconds(n_orbitals(job[2])) for job in jobs])
         try:

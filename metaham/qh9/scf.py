@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from metaham.errors import InvalidValueError, NonFiniteError
+from metaham.text import bar_disabled
 
 from .basis import n_occupied
 from .formats import Record
@@ -138,7 +139,7 @@ def scf_acceleration(
     predictions: Mapping[int, np.ndarray] | Sequence[np.ndarray],
     settings: DFTSettings,
     workers: int = 1,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> tuple[dict[str, float | int], dict[str, np.ndarray]]:
     """SCF from MINAO's guess and from each predicted H, for every record (see the module docstring).
 
@@ -148,7 +149,7 @@ def scf_acceleration(
         settings: the file's DFT settings (:meth:`DFTSettings.from_metadata`); the SCF runs with exactly these.
         workers: processes running pyscf (one thread each); results do not depend on it. With ``workers > 1``
             a script must call this under ``if __name__ == "__main__":`` (the processes are spawned).
-        progress: a progress bar on stderr.
+        progress: a progress bar on stderr (None: only when stderr is a terminal).
 
     Returns:
         ``(summary, per_molecule)``: :func:`summarize_scf`'s keys, and arrays in record order: ``id``, the
@@ -179,7 +180,7 @@ def scf_acceleration(
             raise NonFiniteError(f"row {r.id}: the predicted Hamiltonian holds NaN or inf")
         jobs.append((r.Z, r.pos, H, settings))
     results = []
-    with tqdm(total=len(jobs), desc="SCF", unit="mol", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=len(jobs), desc="SCF", unit="mol", file=sys.stderr, disable=bar_disabled(progress)) as bar:
         for result in pyscf_map(_job, jobs, workers):
             results.append(result)
             bar.update(1)
@@ -195,7 +196,7 @@ def file_scf_acceleration(
     path: str | os.PathLike,
     predictions: Mapping[int, np.ndarray],
     workers: int = 1,
-    progress: bool = True,
+    progress: bool | None = True,
     trust_pickle: bool = False,
 ) -> tuple[dict[str, float | int], dict[str, np.ndarray]]:
     """:func:`scf_acceleration` of predictions ``{row_id: H}`` for rows of the QH9 file at ``path``, with the

@@ -18,6 +18,8 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from metaham.text import bar_disabled
+
 from .distributed import SINGLE_PROCESS, World
 
 
@@ -125,7 +127,7 @@ def _bar_off(progress: bool | None, world: World) -> bool | None:
     # One bar for a run, rank 0's: N ranks drawing on one terminal would overwrite each other.
     if not world.is_main:
         return True
-    return None if progress is None else not progress
+    return bar_disabled(progress)
 
 
 def run_loop(

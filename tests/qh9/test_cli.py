@@ -20,6 +20,18 @@ def test_generate_and_info(tmp_path, capsys):
     assert info["orbitals"]["max"] == 10 and "b3lyp5/def2-svp" in summary
 
 
+def test_progress_bars_stay_off_a_log_file_and_off_with_no_progress(tmp_path, capsys, monkeypatch):
+    """Bars go to stderr only when it is a terminal (a batch job's log holds none); --no-progress hides them on a
+    terminal too. The captured stderr here is not a terminal, then pretends to be one."""
+    assert main(["qh9", "generate", "--out", str(tmp_path / "a.db"), "--molecules", "H2"]) == 0
+    assert "SCF" not in capsys.readouterr().err
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert main(["qh9", "generate", "--out", str(tmp_path / "b.db"), "--molecules", "H2"]) == 0
+    assert "SCF" in capsys.readouterr().err
+    assert main(["qh9", "generate", "--out", str(tmp_path / "c.db"), "--molecules", "H2", "--no-progress"]) == 0
+    assert "SCF" not in capsys.readouterr().err
+
+
 def test_baseline(generated, capsys):
     path, _ = generated
     assert main(["qh9", "baseline", "--data", str(path), "--json"]) == 0
