@@ -113,6 +113,8 @@ def _remove_stale_temporaries(path: Path, suffix: str) -> None:
 
 
 def _running(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill(pid, 0) would terminate the process: keep the file
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -140,7 +140,7 @@ def plugin_failure(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         for resolved, given in _PLUGIN_FILES.items():
-            line = _line_in(exc, Path(resolved))
+            line = _frame_line(exc, Path(resolved))
             if line:
                 return f"plugin {given}{line}: {type(exc).__name__}: {exc}"
         exc = exc.__cause__ or exc.__context__
@@ -148,10 +148,14 @@ def plugin_failure(exc: BaseException) -> str | None:
 
 
 def _line_in(exc: BaseException, path: Path) -> str:
-    """``", line N"`` of the deepest frame of ``exc``'s traceback inside ``path`` (a SyntaxError has its own);
-    empty when there is none."""
+    """``", line N"`` of an exception raised while ``path`` is imported (a SyntaxError has its own line)."""
     if isinstance(exc, SyntaxError) and exc.lineno:
         return f", line {exc.lineno}"
+    return _frame_line(exc, path)
+
+
+def _frame_line(exc: BaseException, path: Path) -> str:
+    """``", line N"`` of the deepest frame of ``exc``'s traceback inside ``path``; empty when there is none."""
     line, tb, target = "", exc.__traceback__, str(path.resolve())
     while tb is not None:
         if str(Path(tb.tb_frame.f_code.co_filename).resolve()) == target:
