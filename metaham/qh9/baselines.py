@@ -54,7 +54,8 @@ def mean_matrices(
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     rows = file.records(positions)
-    for record in tqdm(rows, total=len(positions), desc="mean", unit="row", file=sys.stderr, disable=bar_disabled(progress)):
+    bar = tqdm(rows, total=len(positions), desc="mean", unit="row", file=sys.stderr, disable=bar_disabled(progress))
+    for record in bar:
         if record.molecule not in molecules:
             continue
         if record.molecule in sums and sums[record.molecule].shape != record.H.shape:

@@ -28,11 +28,11 @@ class UnsupportedError(UserError, ValueError):
     """An element or basis outside QH9's def2-SVP layout for H, C, N, O, F; the message names it."""
 
 
-def element_name(z: int) -> str:
-    """``"S"`` for 16, ``"U"`` for 92 (ase's table of the 118 elements); ``"Z=0"`` for a number outside it."""
+def element_label(z: int) -> str:
+    """``"S (Z=16)"``, ``"U (Z=92)"`` (ase's table of the 118 elements); ``"Z=0"`` for a number that is no element."""
     from ase.data import chemical_symbols  # only when an element has to be named
 
-    return chemical_symbols[z] if 0 < z < len(chemical_symbols) else f"Z={z}"
+    return f"{chemical_symbols[z]} (Z={z})" if 0 < z < len(chemical_symbols) else f"Z={z}"
 
 
 def normalize_basis(name: str) -> str:
@@ -48,8 +48,7 @@ def check_elements(Z: np.ndarray, where: str = "") -> None:
     """Raise :class:`UnsupportedError` naming the first element of ``Z`` (``(n_atoms,)``) that is not H/C/N/O/F."""
     bad = sorted({int(z) for z in np.asarray(Z).ravel()} - set(SHELLS))
     if bad:
-        names = ", ".join(name if name.startswith("Z=") else f"{name} (Z={z})"
-                          for z, name in ((z, element_name(z)) for z in bad))
+        names = ", ".join(element_label(z) for z in bad)
         prefix = f"{where}: " if where else ""
         raise UnsupportedError(f"{prefix}element {names} not supported: def2-SVP layout covers H, C, N, O, F only")
 

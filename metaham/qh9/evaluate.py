@@ -31,9 +31,10 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
-from metaham.text import bar_disabled
 from metaham.train.checkpoint import atomic_write_bytes, load_checkpoint
-from metaham.train.distributed import World, all_gather_objects, current_world, gather_objects, shard_slice
+from metaham.train.distributed import (
+    World, all_gather_objects, current_world, gather_objects, rank_bar_disabled, shard_slice,
+)
 
 from .basis import ao_atom_index, n_occupied
 from .data import make_dataset, open_data, split_positions, split_scheme
@@ -163,7 +164,7 @@ def evaluate_model(
     batches = shard_slice(-(-len(dataset) // batch_size), world)
     mine = dataset[batches.start * batch_size : batches.stop * batch_size]
     loader = DataLoader(mine, batch_size=batch_size, num_workers=num_workers)
-    hide = True if not world.is_main else bar_disabled(progress)  # one bar for a run: rank 0's
+    hide = rank_bar_disabled(progress, world)
     with torch.inference_mode():  # no autograd bookkeeping at all (cheaper than no_grad)
         for batch in tqdm(loader, desc="eval", unit="batch", file=sys.stderr, disable=hide):
             batch = batch.to(device)

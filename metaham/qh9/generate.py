@@ -476,7 +476,8 @@ def generate(
         from tqdm import tqdm
 
         bar = tqdm(
-            total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr, disable=bar_disabled(progress)
+            total=total, initial=stats["existing"], unit="geom", desc="SCF", file=sys.stderr,
+            disable=bar_disabled(progress),
         )
         eta = _CostClock([estimated_scf_seconds(n_orbitals(job[2])) for job in jobs])
         try:

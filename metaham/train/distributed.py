@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from metaham.text import bar_disabled
+
 TIMEOUT_ENV = "METAHAM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
 _TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -116,6 +118,12 @@ def current_world() -> World:
     if _opened is not None:
         return _opened
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
+
+
+def rank_bar_disabled(progress: bool | None, world: World) -> bool | None:
+    """tqdm's ``disable`` for this rank (:func:`metaham.text.bar_disabled`): one bar for a run, rank 0's, since
+    N ranks drawing on one terminal would overwrite each other."""
+    return True if not world.is_main else bar_disabled(progress)
 
 
 def _import_group_defaults_first() -> None:

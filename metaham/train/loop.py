@@ -18,9 +18,7 @@ from typing import Any, Iterable, Protocol, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from metaham.text import bar_disabled
-
-from .distributed import SINGLE_PROCESS, World
+from .distributed import SINGLE_PROCESS, World, rank_bar_disabled
 
 
 class Clock:
@@ -123,13 +121,6 @@ def take_step(job: Job, batch: Any, step: int, clip_norm: float = 0.0, world: Wo
     return value
 
 
-def _bar_off(progress: bool | None, world: World) -> bool | None:
-    # One bar for a run, rank 0's: N ranks drawing on one terminal would overwrite each other.
-    if not world.is_main:
-        return True
-    return bar_disabled(progress)
-
-
 def run_loop(
     job: Job, settings: LoopSettings, *, start_step: int = 0, seconds: float = 0.0, world: World = SINGLE_PROCESS
 ) -> LoopOutcome:
@@ -138,7 +129,7 @@ def run_loop(
     clock = Clock(settings.max_minutes, seconds)
     step, stopped = start_step, "steps"
     bar = tqdm(total=settings.total_steps, initial=start_step, desc=f"{job.name:>10}", unit="step", file=sys.stderr,
-               disable=_bar_off(settings.progress, world), dynamic_ncols=True)
+               disable=rank_bar_disabled(settings.progress, world), dynamic_ncols=True)
     between_steps = True  # weights, optimizer state and `step` agree: an interrupt here may checkpoint
     try:
         for batch in job.batches(step):
