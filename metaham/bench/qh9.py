@@ -40,6 +40,7 @@ import numpy as np
 NAME = "qh9"
 HELP = "QH9 model evaluation (metaham qh9 eval vs QH9's one-molecule float64 test route) and training step"
 TARGET_EVAL_SPEEDUP = 5.0
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,6 +67,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
         help="override a config value, e.g. --set model.pair_sparsity=0 (repeatable): time another model",
+    )
+    parser.add_argument(
+        "--compile", nargs="?", const="inductor", default=None, choices=COMPILE_BACKENDS, metavar="BACKEND",
+        help="run our evaluation model and both training-step models under torch.compile with dynamic shapes; "
+        "BACKEND: inductor (the default: generated kernels), cudagraphs (CUDA graph replay, on a GPU), aot_eager "
+        "or eager (tracing only). The untimed first runs compile, at the threads torch has (time one thread "
+        "with OMP_NUM_THREADS=1)",
     )
     add_device_flag(parser)
 
@@ -125,6 +133,7 @@ def _config(args: argparse.Namespace) -> dict:
 def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, dict]:
     import copy
     import tempfile
+    import time
     from pathlib import Path
 
     import torch
@@ -145,6 +154,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
         reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
+        if args.compile:  # ours only: QH9's route is timed as QH9 runs it
+            model.compile(dynamic=True, backend=args.compile)
 
         def ours(keep: bool = False):  # exactly what `metaham qh9 eval` runs on a file that stores H_init
             clear_cache()  # cold: overlaps are part of the cost, as on a first evaluation
@@ -173,7 +184,9 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
 
         # One untimed run of each route (also the warm-up): predictions and per-molecule metrics to compare.
         theirs, theirs_H = reference(keep=True)
+        first = time.perf_counter()
         _, ours_H = ours(keep=True)
+        first = time.perf_counter() - first  # with --compile: the compilation included
 
         def ours_metrics() -> dict:
             clear_cache()
@@ -193,7 +206,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         # route are too small to gain from threads (they lose), batched ones gain. Each route is then scored
         # at its faster setting, so the baseline is never handicapped by a thread count that does not suit it.
         available = torch.get_num_threads()
-        thread_counts = sorted({1, available})
+        # Compiled kernels keep the thread count they were generated for: time them only at that count.
+        thread_counts = [available] if args.compile else sorted({1, available})
         timed = {**routes, **parts}
         by_key = interleaved_median_times(
             {f"{key}@{t}": _with_threads(t, fn) for t in thread_counts for key, fn in timed.items()},
@@ -230,7 +244,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         f"QH9 evaluation end to end (model forward + metrics) on {n} molecules ({args.molecules} G2 molecules x "
         f"{args.conformers} conformers, {min(norbs)}-{max(norbs)} AOs), "
         f"{'dense' if model.dense else 'sparse fixed-phase'} model of configs/qh9.yaml, device {device}, "
-        f"median of {args.repeats}"
+        f"median of {args.repeats}" + (f", ours under torch.compile ({args.compile})" if args.compile else "")
+        + f"; our first run (untimed{', compiling' if args.compile else ''}) {first:.1f} s"
         + ("; speed-up against the test route at its faster thread count (*)\n" if len(thread_counts) > 1 else "\n")
         + table(rows, ["route", "threads", "forward ms/mol", "metrics ms/mol", "total ms/mol", "speed-up"])
         + f"\neval_speedup {speedup:.2f}{', each route at its faster thread count' if len(thread_counts) > 1 else ''} "
@@ -248,6 +263,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         **{f"eval_{k}_s": times[k] for k in parts},
         "eval_batch_size": batch_size,
         "eval_model_dtype": dtype,
+        "eval_compile_backend": args.compile,
+        "eval_first_run_s": first,
         "eval_threads": available,
         "eval_reference_threads": best["reference"],
         "eval_batched_threads": best["batched"],
@@ -323,32 +340,49 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
         for row, Z, pos, H_true, _ in g2_inputs(args.train_molecules, 1)
     ]
     batch = Batch.from_data_list(molecules)
-    result = time_training_steps(batch, device, args.train_repeats, model_options)
+    result = time_training_steps(batch, device, args.train_repeats, model_options, compile=args.compile)
     speedup, met = result["train_speedup"], result["train_target_met"]
+    compiled = result["train_compile_backend"]
+
+    def in_products(model: str) -> str:
+        return "-" if compiled else f"{1e3 * result[f'train_{model}_tp_s']:.0f}"
+
     rows = [
-        ["dense twin (no gates)", f"{1e3 * result['train_dense_s']:.0f}", f"{1e3 * result['train_dense_tp_s']:.0f}",
-         1.0],
+        ["dense twin (no gates)", f"{1e3 * result['train_dense_s']:.0f}", in_products("dense"), 1.0],
         [f"sparse, fixed phase ({result['kept_paths']}/{result['total_paths']} paths, "
          f"{100 * result['kept_pair_fraction']:.0f}% of pairs kept)",
-         f"{1e3 * result['train_sparse_s']:.0f}", f"{1e3 * result['train_sparse_tp_s']:.0f}", speedup],
+         f"{1e3 * result['train_sparse_s']:.0f}", in_products("sparse"), speedup],
     ]
     summary = (
         f"QH9 model training step on {len(molecules)} molecules ({result['train_atoms']} atoms, "
-        f"{int(batch.norb.sum())} AOs), device {device}, median of {args.train_repeats}\n"
+        f"{int(batch.norb.sum())} AOs), device {device}, median of {args.train_repeats}"
+        + (f", both models under torch.compile ({compiled})" if compiled else "") + "\n"
         + table(rows, ["model", "ms / step", "of which tensor products", "speed-up"])
         + f"\ntrain_speedup {speedup:.2f} (target >= {TARGET_TRAIN_SPEEDUP:g}: {'met' if met else 'NOT met'}); "
         f"{result['parameters_sparse']} parameters (sparse), {result['parameters_dense']} (dense)\n"
-        f"tensor products alone: {result['train_dense_tp_s'] / result['train_sparse_tp_s']:.2f}x cheaper in the sparse "
-        f"model; the rest of the step ({1e3 * (result['train_dense_s'] - result['train_dense_tp_s']):.0f} vs "
-        f"{1e3 * (result['train_sparse_s'] - result['train_sparse_tp_s']):.0f} ms) is the same work in both"
     )
+    if compiled:
+        summary += (
+            f"two untimed first steps (compiling): {result['train_dense_first_steps_s']:.0f} s (dense), "
+            f"{result['train_sparse_first_steps_s']:.0f} s (sparse); module hooks cannot time the tensor products "
+            "inside a compiled graph"
+        )
+    else:
+        summary += (
+            f"tensor products alone: {result['train_dense_tp_s'] / result['train_sparse_tp_s']:.2f}x cheaper in the "
+            f"sparse model; the rest of the step ({1e3 * (result['train_dense_s'] - result['train_dense_tp_s']):.0f} "
+            f"vs {1e3 * (result['train_sparse_s'] - result['train_sparse_tp_s']):.0f} ms) is the same work in both"
+        )
     return summary, result
 
 
-def time_training_steps(batch, device, repeats: int, model_options: dict) -> dict:
+def time_training_steps(batch, device, repeats: int, model_options: dict, compile: str | None = None) -> dict:
     """Median time of one training step of the sparse model (fixed phase) and of its dense twin on ``batch``
     (a PyG ``Batch`` of :mod:`metaham.qh9.dataset` molecules; its ``H`` are the targets), in alternation. The model is
-    ``QH9Model(**model_options)``, learning ``H`` itself."""
+    ``QH9Model(**model_options)``, learning ``H`` itself; with ``compile`` (a backend name), both under
+    ``torch.compile`` (dynamic shapes), compiled by two untimed steps whose seconds are returned."""
+    import time
+
     import torch
 
     from metaham.bench import interleaved_median_times
@@ -363,6 +397,8 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
         torch.manual_seed(0)
         model = QH9Model(**{**options, "dense": dense, "random_steps": 1, "adaptive_steps": 0}).to(device)
         _seed_path_weights(model)
+        if compile:
+            model.compile(dynamic=True, backend=compile)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
         target = model.target(batch)
 
@@ -376,9 +412,13 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
 
+        started = time.perf_counter()
         step()  # the sparse model takes its one random-phase step here and is fixed from now on
+        step()  # compiled: the fixed phase is a second graph
+        untimed[model.dense] = time.perf_counter() - started
         return model, step
 
+    untimed: dict[bool, float] = {}
     sparse, sparse_step = setup(False)
     dense, dense_step = setup(True)
     _require_fixed_phase(sparse)
@@ -386,13 +426,18 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
     pair_counts: list[tuple[int, int]] = []
     hooks = [m.register_forward_hook(lambda _m, _a, out: pair_counts.append((len(out.index), len(out.score))))
              for m in sparse.modules() if isinstance(m, SparsePairGate)]
-    sparse_step()
+    with torch.compiler.set_stance("force_eager"):  # hooks see every call only outside a compiled graph
+        sparse_step()
     for hook in hooks:
         hook.remove()
     times = interleaved_median_times({"dense": dense_step, "sparse": sparse_step}, repeats=repeats, warmup=1)
     speedup = times["dense"] / times["sparse"]
     gates = [g for g in sparse.sparsity.gates if g.sparsity > 0]
-    in_products = _tensor_product_seconds({"dense": (dense, dense_step), "sparse": (sparse, sparse_step)}, repeats)
+    # Module hooks cannot time the inside of a compiled graph.
+    in_products = (
+        {"dense": None, "sparse": None} if compile
+        else _tensor_product_seconds({"dense": (dense, dense_step), "sparse": (sparse, sparse_step)}, repeats)
+    )
     return {
         "train_speedup": speedup,
         "train_target": TARGET_TRAIN_SPEEDUP,
@@ -407,6 +452,9 @@ def time_training_steps(batch, device, repeats: int, model_options: dict) -> dic
         "kept_pair_fraction": sum(k for k, _ in pair_counts) / sum(n for _, n in pair_counts) if pair_counts else 1.0,
         "train_dense_tp_s": in_products["dense"],
         "train_sparse_tp_s": in_products["sparse"],
+        "train_compile_backend": compile,
+        "train_dense_first_steps_s": untimed[True],
+        "train_sparse_first_steps_s": untimed[False],
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),
         "parameters_dense": sum(p.numel() for p in dense.parameters()),
     }

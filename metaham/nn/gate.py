@@ -10,6 +10,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .layout import blocks
+
 
 @functools.lru_cache(maxsize=None)
 def _second_moment_scale(name: str) -> float:
@@ -55,8 +57,9 @@ class GatedNonlinearity(nn.Module):
         n_gates = self.gated.num_irreps
         self.irreps_in = self.scalars + (o3.Irreps(f"{n_gates}x0e") if n_gates else o3.Irreps("")) + self.gated
         self.irreps_out = irreps_out
+        self._gated_blocks = blocks(self.gated)
         self._sizes = [mul * ir.dim for mul, ir in self.scalars] + ([n_gates] if n_gates else []) + [
-            mul * ir.dim for mul, ir in self.gated
+            b.mul * b.dim for b in self._gated_blocks
         ]
         # (activation, second-moment scale) per scalar block; scales computed here, outside any transform.
         names = ["silu" if ir.p == 1 else "tanh" for _, ir in self.scalars]
@@ -65,19 +68,21 @@ class GatedNonlinearity(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``."""
-        if x.shape[-1] != self.irreps_in.dim:
+        if x.shape[-1] != sum(self._sizes):
             raise ValueError(
                 f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}"
             )
         parts = list(x.split(self._sizes, dim=-1))
         out = [_ACTIVATIONS[a](p) * scale for (a, scale), p in zip(self._scalar_acts, parts)]
-        if self.gated:
-            gates = torch.sigmoid(parts[len(self.scalars)]) * self._gate_scale
+        if self._gated_blocks:
+            n_scalar_blocks = len(self._scalar_acts)
+            gates = torch.sigmoid(parts[n_scalar_blocks]) * self._gate_scale
             n = x.shape[0]
-            for block, g, (mul, ir) in zip(
-                parts[len(self.scalars) + 1 :], gates.split([mul for mul, _ in self.gated], dim=-1), self.gated
+            for block, g, b in zip(
+                parts[n_scalar_blocks + 1 :], gates.split([b.mul for b in self._gated_blocks], dim=-1),
+                self._gated_blocks,
             ):
-                out.append((block.reshape(n, mul, ir.dim) * g.unsqueeze(-1)).reshape(n, mul * ir.dim))
+                out.append((block.reshape(n, b.mul, b.dim) * g.unsqueeze(-1)).reshape(n, b.mul * b.dim))
         return torch.cat(out, dim=-1)
 
     def extra_repr(self) -> str:

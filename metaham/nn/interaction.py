@@ -102,6 +102,7 @@ class InteractionBlock(nn.Module):
         self.irreps_pair = o3.Irreps([(int(pair_channels), ir) for ir in sorted({ir for _, ir in self.irreps_in})])
         # One linear map gives both the features that the messages carry and the narrow pair features.
         self.pre = EquivariantLinear(self.irreps_in, self.irreps_in + self.irreps_pair)
+        self._pre_sizes = [self.irreps_in.dim, self.irreps_pair.dim]
         if pair_sparsity is None:
             check_keep_radius(pair_keep_radius)  # unused without a gate, but a bad value is still an error
             self.pair_gate, self.pair_invariants = None, PairInvariants(self.irreps_pair)
@@ -121,7 +122,7 @@ class InteractionBlock(nn.Module):
         self, x: torch.Tensor, edge_vec: torch.Tensor, edge_index: torch.Tensor, batch: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Node features ``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``; see the class docstring."""
-        features, pair_features = self.pre(x).split([self.irreps_in.dim, self.irreps_pair.dim], dim=-1)
+        features, pair_features = self.pre(x).split(self._pre_sizes, dim=-1)
         length = torch.linalg.vector_norm(edge_vec, dim=-1)
         if self.pair_gate is not None:
             kept = self.pair_gate(pair_features, edge_index, batch, length)

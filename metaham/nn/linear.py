@@ -7,6 +7,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .layout import blocks
+
 
 class EquivariantLinear(nn.Module):
     """``(N, irreps_in.dim) -> (N, irreps_out.dim)``: for every irrep type ``ir``, all input channels of type
@@ -23,9 +25,10 @@ class EquivariantLinear(nn.Module):
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_out)
-        self._in_sizes = [mul * ir.dim for mul, ir in self.irreps_in]
-        self._out_sizes = [mul * ir.dim for mul, ir in self.irreps_out]
-        self._types = []  # (ir, input block indices, output block indices, fan-in)
+        self._in_blocks, self._out_blocks = blocks(self.irreps_in), blocks(self.irreps_out)
+        self._in_sizes = [b.mul * b.dim for b in self._in_blocks]
+        self._out_sizes = [b.mul * b.dim for b in self._out_blocks]
+        self._types = []  # (weight name, input block indices, output block indices, fan-in)
         for ir in sorted({ir for _, ir in self.irreps_out}):
             ins = [i for i, (_, ir_in) in enumerate(self.irreps_in) if ir_in == ir]
             outs = [i for i, (_, ir_out) in enumerate(self.irreps_out) if ir_out == ir]
@@ -33,36 +36,36 @@ class EquivariantLinear(nn.Module):
             if fan_in:
                 fan_out = sum(self.irreps_out[i].mul for i in outs)
                 self.register_parameter(f"weight_{ir}", nn.Parameter(torch.randn(fan_in, fan_out)))
-            self._types.append((ir, ins, outs, fan_in))
+            self._types.append((f"weight_{ir}", ins, outs, fan_in))
         self._bias_blocks = [i for i, (_, ir) in enumerate(self.irreps_out) if ir == o3.Irrep("0e")] if bias else []
         if self._bias_blocks:
             self.bias = nn.Parameter(torch.zeros(sum(self.irreps_out[i].mul for i in self._bias_blocks)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, irreps_in.dim)`` -> ``(N, irreps_out.dim)``."""
-        if x.shape[-1] != self.irreps_in.dim:
+        if x.shape[-1] != sum(self._in_sizes):
             raise ValueError(
                 f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}"
             )
         n = x.shape[0]
-        blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x.split(self._in_sizes, -1), self.irreps_in)]
-        out: list[torch.Tensor | None] = [None] * len(self.irreps_out)
-        for ir, ins, outs, fan_in in self._types:
+        parts = [p.reshape(n, b.mul, b.dim) for p, b in zip(x.split(self._in_sizes, -1), self._in_blocks)]
+        out: list[torch.Tensor | None] = [None] * len(self._out_blocks)
+        for name, ins, outs, fan_in in self._types:
             if not fan_in:
                 continue
-            joined = blocks[ins[0]] if len(ins) == 1 else torch.cat([blocks[i] for i in ins], dim=1)  # (n, U, d)
-            weight = getattr(self, f"weight_{ir}") / math.sqrt(fan_in)
+            joined = parts[ins[0]] if len(ins) == 1 else torch.cat([parts[i] for i in ins], dim=1)  # (n, U, d)
+            weight = getattr(self, name) / math.sqrt(fan_in)
             # (n, U, d) -> (n d, U) @ (U, W) -> (n, W, d): one 2-D matrix product over all nodes and components.
             # 2-D on purpose: under vmap with per-task weights (MAML) it is one batched matmul, where a 3-D
             # (n, d, U) @ (U, W) copied the weight for every node (3.6x slower meta-steps).
             d = joined.shape[2]
             mixed = (joined.transpose(1, 2).reshape(n * d, -1) @ weight).reshape(n, d, -1).transpose(1, 2)
-            for i, part in zip(outs, mixed.split([self.irreps_out[i].mul for i in outs], dim=1)):
+            for i, part in zip(outs, mixed.split([self._out_blocks[i].mul for i in outs], dim=1)):
                 out[i] = part.reshape(n, -1)
         if self._bias_blocks:
             offset = 0
             for i in self._bias_blocks:
-                mul = self.irreps_out[i].mul
+                mul = self._out_blocks[i].mul
                 b = self.bias[offset : offset + mul]
                 out[i] = b.expand(n, mul) if out[i] is None else out[i] + b
                 offset += mul

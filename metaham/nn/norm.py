@@ -5,6 +5,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .layout import blocks
+
 
 class EquivariantLayerNorm(nn.Module):
     """Layer norm that commutes with rotations and reflections.
@@ -31,32 +33,33 @@ class EquivariantLayerNorm(nn.Module):
         self.irreps = o3.Irreps(irreps)
         self.eps = float(eps)
         self.affine = bool(affine)
-        n_scalars_0e = sum(mul for mul, ir in self.irreps if ir == o3.Irrep("0e"))
+        self._blocks = blocks(self.irreps)
+        n_scalars_0e = sum(b.mul for b in self._blocks if b.even_scalar)
         if self.affine:
             self.scale = nn.Parameter(torch.ones(self.irreps.num_irreps))
             self.bias = nn.Parameter(torch.zeros(n_scalars_0e))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, irreps.dim)`` -> ``(N, irreps.dim)``."""
-        if x.shape[-1] != self.irreps.dim:
+        if x.shape[-1] != sum(b.mul * b.dim for b in self._blocks):
             raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
         n = x.shape[0]
         if self.affine:
-            scales = self.scale.split([mul for mul, _ in self.irreps])
-            biases = iter(self.bias.split([mul for mul, ir in self.irreps if ir == o3.Irrep("0e")]))
+            scales = self.scale.split([b.mul for b in self._blocks])
+            biases = iter(self.bias.split([b.mul for b in self._blocks if b.even_scalar]))
         pieces = []
         # split(), not slices: one cat in the backward instead of a full-size zero tensor per block.
-        blocks = x.split([mul * ir.dim for mul, ir in self.irreps], -1)
-        for index, (block, (mul, ir)) in enumerate(zip(blocks, self.irreps)):
-            block = block.reshape(n, mul, ir.dim)
-            if ir.l == 0:
+        parts = x.split([b.mul * b.dim for b in self._blocks], -1)
+        for index, (block, b) in enumerate(zip(parts, self._blocks)):
+            block = block.reshape(n, b.mul, b.dim)
+            if b.l == 0:
                 block = block - block.mean(dim=1, keepdim=True)
             block = block * torch.rsqrt(block.pow(2).mean(dim=(1, 2), keepdim=True) + self.eps)
             if self.affine:
-                block = block * scales[index].reshape(1, mul, 1)
-                if ir == o3.Irrep("0e"):
-                    block = block + next(biases).reshape(1, mul, 1)
-            pieces.append(block.reshape(n, mul * ir.dim))
+                block = block * scales[index].reshape(1, b.mul, 1)
+                if b.even_scalar:
+                    block = block + next(biases).reshape(1, b.mul, 1)
+            pieces.append(block.reshape(n, b.mul * b.dim))
         return torch.cat(pieces, dim=-1)
 
     def extra_repr(self) -> str:

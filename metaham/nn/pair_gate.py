@@ -63,7 +63,7 @@ class PairInvariants(nn.Module):
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """``(N, irreps.dim)`` node features, ``(2, E)`` pairs -> ``(E, n_invariants)``."""
-        if x.shape[-1] != self.irreps.dim:
+        if x.shape[-1] != self.products.shape[0]:
             raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
         src, dst = x.index_select(0, edge_index[0]), x.index_select(0, edge_index[1])
         return (src * dst) @ self.products.to(x.dtype) + (src + dst) @ self.sums.to(x.dtype)

@@ -51,6 +51,8 @@ import torch
 from e3nn import o3
 from torch import nn
 
+from .layout import blocks
+
 PHASES = ("random", "adaptive", "fixed")
 MODES = ("uvu", "uvw", "uuu")
 
@@ -156,8 +158,10 @@ class SparseTensorProduct(nn.Module):
         self._paths = self._build_paths(triples)
         self.instructions = tuple(triples)
         self.n_paths = len(self._paths)
-        self._sizes1 = [mul * ir.dim for mul, ir in self.irreps_in1]
-        self._sizes2 = [mul * ir.dim for mul, ir in self.irreps_in2]
+        self._blocks1, self._blocks2 = blocks(self.irreps_in1), blocks(self.irreps_in2)
+        self._blocks_out = blocks(self.irreps_out)
+        self._sizes1 = [b.mul * b.dim for b in self._blocks1]
+        self._sizes2 = [b.mul * b.dim for b in self._blocks2]
         # The candidate sets a selection draws from: all paths, or the paths into each output irrep.
         if self.per_output:
             self._candidates = tuple(
@@ -381,11 +385,11 @@ class SparseTensorProduct(nn.Module):
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         """``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` (external
         weights only) -> ``(N, irreps_out.dim)``."""
-        if x1.dim() != 2 or x1.shape[1] != self.irreps_in1.dim:
+        if x1.dim() != 2 or x1.shape[1] != sum(self._sizes1):
             raise ValueError(
                 f"x1 must have shape (N, {self.irreps_in1.dim}) for {self.irreps_in1}, got {tuple(x1.shape)}"
             )
-        if x2.dim() != 2 or x2.shape != (x1.shape[0], self.irreps_in2.dim):
+        if x2.dim() != 2 or x2.shape != (x1.shape[0], sum(self._sizes2)):
             raise ValueError(
                 f"x2 must have shape ({x1.shape[0]}, {self.irreps_in2.dim}) for {self.irreps_in2}, "
                 f"got {tuple(x2.shape)}"
@@ -450,8 +454,8 @@ class SparseTensorProduct(nn.Module):
         shared = weight.dim() == 1
         # split(), not one slice per block: the backward of a slice allocates a zero tensor of the full input
         # per slice, which costs more than the contraction itself on CPU; split's backward is one cat.
-        x1_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x1.split(self._sizes1, -1), self.irreps_in1)]
-        x2_blocks = [b.reshape(n, mul, ir.dim) for b, (mul, ir) in zip(x2.split(self._sizes2, -1), self.irreps_in2)]
+        x1_blocks = [x.reshape(n, b.mul, b.dim) for x, b in zip(x1.split(self._sizes1, -1), self._blocks1)]
+        x2_blocks = [x.reshape(n, b.mul, b.dim) for x, b in zip(x2.split(self._sizes2, -1), self._blocks2)]
         if weight.shape[-1] == self.weight_numel:
             path_weights = dict(enumerate(weight.split([p.w_stop - p.w_start for p in self._paths], -1)))
         else:  # compact: the kept paths' columns only, in path order
@@ -465,25 +469,25 @@ class SparseTensorProduct(nn.Module):
             x1_blocks = [_component_major(b) for b in x1_blocks]
             x2_blocks = [_component_major(b) for b in x2_blocks]
 
-        outputs: list[list[torch.Tensor]] = [[] for _ in self.irreps_out]
+        outputs: list[list[torch.Tensor]] = [[] for _ in self._blocks_out]
         for group, cg in zip(groups, cgs):
             b = x2.reshape(n, 1, x2.shape[1]) if group.i_in2 is None else x2_blocks[group.i_in2]
             joint = self._pair_contraction(x1_blocks[group.i_in1], b, cg)
-            parts = joint.split([self.irreps_out[self._paths[p].i_out].ir.dim for _, p in group.members], -1)
+            parts = joint.split([self._blocks_out[self._paths[p].i_out].dim for _, p in group.members], -1)
             for part, (_, p) in zip(parts, group.members):
                 path = self._paths[p]
                 w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
                 outputs[path.i_out].append(self._apply_weight(part, w, shared))
 
         pieces = []
-        for io, (mul, ir) in enumerate(self.irreps_out):
-            if outputs[io]:
-                total = outputs[io][0]
-                for extra in outputs[io][1:]:
+        for terms, b in zip(outputs, self._blocks_out):
+            if terms:
+                total = terms[0]
+                for extra in terms[1:]:
                     total = total + extra
-                pieces.append(total.reshape(n, mul * ir.dim))
+                pieces.append(total.reshape(n, b.mul * b.dim))
             else:  # no selected path reaches this output
-                pieces.append(x1.new_zeros(n, mul * ir.dim))
+                pieces.append(x1.new_zeros(n, b.mul * b.dim))
         return torch.cat(pieces, dim=-1)
 
     def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:

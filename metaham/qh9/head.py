@@ -33,6 +33,7 @@ from metaham.nn import (
     spherical_harmonics,
 )
 
+from metaham.nn.layout import blocks
 from metaham.nn.pair_gate import check_keep_radius
 
 from .orbitals import PADDED_IRREPS
@@ -104,13 +105,13 @@ class OrbitalExpansion(nn.Module):
                 row += ir.dim
                 channel += 1
         self.register_buffer("cg", cg.reshape(self.irreps_channels.dim, d * d), persistent=False)
+        self._block_dim = d
         self.register_buffer("channel_index", torch.tensor(channel_of_component, dtype=torch.long), persistent=False)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x (N, irreps_in.dim)``, ``weight (N, n_channels)`` -> ``(N, d, d)`` blocks, ``d = irreps_block.dim``."""
         f = self.linear(x) * weight.index_select(1, self.channel_index)
-        d = self.irreps_block.dim
-        return (f @ self.cg).reshape(-1, d, d)
+        return (f @ self.cg).reshape(-1, self._block_dim, self._block_dim)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in} -> {self.irreps_block} x {self.irreps_block} via {self.irreps_channels}"
@@ -198,7 +199,8 @@ class BlockHead(nn.Module):
             self.pair_gate = SparsePairGate(self.irreps_pair, pair_sparsity, keep_radius=pair_keep_radius)
         n_invariants = 2 * self.n_scalars + num_basis + self.pair_invariants.n_invariants
         # Two-centre features: the harmonics of natural parity (the only ones Y(r) has), one coefficient each.
-        self._two_centre = [(k, ir.l) for k, (_, ir) in enumerate(self.irreps_features) if ir.p == (-1) ** ir.l]
+        self._feature_blocks = blocks(self.irreps_features)
+        self._two_centre = [(k, b.l) for k, b in enumerate(self._feature_blocks) if b.p == (-1) ** b.l]
         self.pair_expansion = OrbitalExpansion(self.irreps_features)
         self.pair_weights = _mlp(n_invariants, hidden, mul * len(self._two_centre) + self.pair_expansion.n_channels)
         self.pair_left = EquivariantLinear(self.irreps_node, natural)
@@ -252,10 +254,10 @@ class BlockHead(nn.Module):
         coefficients = coefficients.reshape(n, self.mul, len(self._two_centre))
         by_block = {k: c for c, (k, _) in enumerate(self._two_centre)}
         pieces = []
-        for k, (mul, ir) in enumerate(self.irreps_features):
+        for k, b in enumerate(self._feature_blocks):
             if k in by_block:
-                y = sh[:, ir.l**2 : (ir.l + 1) ** 2]
-                pieces.append((coefficients[:, :, by_block[k], None] * y[:, None, :]).reshape(n, mul * ir.dim))
+                y = sh[:, b.l**2 : (b.l + 1) ** 2]
+                pieces.append((coefficients[:, :, by_block[k], None] * y[:, None, :]).reshape(n, b.mul * b.dim))
             else:
-                pieces.append(sh.new_zeros(n, mul * ir.dim))
+                pieces.append(sh.new_zeros(n, b.mul * b.dim))
         return torch.cat(pieces, dim=-1)

@@ -149,3 +149,20 @@ def test_other_elements_and_missing_initial_guess_are_clear_errors():
         residual.predict(_batch(("H2O",)))
     with pytest.raises(ValueError, match="unknown model option"):
         build_model({"layers": 1, "widht": 3})
+
+
+def test_torch_compile_traces_the_model_and_matches_eager():
+    """`metaham bench qh9 --compile` times the model under torch.compile. Tracing fails if a forward pass
+    iterates e3nn irreps (e3nn's ``Irrep.__len__`` raises inside dynamo's guards): the layers read plain-int
+    blocks (``metaham.nn.layout``). Two batches of different sizes go through one dynamic-shape compile.
+    Backend ``eager``: dynamo's tracing and guards, where that failure happens, without inductor's C++ code
+    generation (minutes on this CPU; the bench's runs compare inductor's output with eager)."""
+    model = _model("fixed")
+    compiled = torch.compile(model, dynamic=True, backend="eager")
+    with torch.no_grad():
+        for names in (("H2O", "CH3OH"), ("CH4", "H2O", "C2H6")):
+            batch = _batch(names)
+            args = (batch.z, batch.pos, batch.batch, batch.ptr)
+            for want, got in zip(model(*args), compiled(*args)):
+                assert got.shape == want.shape
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -131,3 +131,21 @@ def test_bench_train_times_the_model_the_overrides_describe(capsys):
     assert "dense twin" in capsys.readouterr().err
     assert main([*argv, "--set", "model.no_such_key=1"]) == 2
     assert "no_such_key" in capsys.readouterr().err
+
+
+def test_bench_train_compiled_traces_both_models(capsys):
+    """``--compile BACKEND`` runs both training-step models under torch.compile. Backend ``eager`` (dynamo's
+    tracing without code generation) keeps this fast; a small model for the same reason."""
+    argv = ["bench", "qh9", "--part", "train", "--train-molecules", "1", "--train-repeats", "1", "--json",
+            "--compile", "eager", "--set", "model.layers=1", "--set", "model.node_irreps=8x0e+4x1o+4x2e+2x3o+2x4e"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result, summary = json.loads(out[-1]), "\n".join(out[:-1])
+    assert result["train_compile_backend"] == "eager" and result["train_speedup"] > 0
+    assert result["train_dense_first_steps_s"] > 0 and result["train_sparse_first_steps_s"] > 0
+    assert result["train_dense_tp_s"] is None  # hooks cannot time inside a compiled graph
+    assert 0 < result["kept_pair_fraction"] < 1  # counted by hooks on an eager step: the gates dropped pairs
+    assert "torch.compile (eager)" in summary
+    with pytest.raises(SystemExit) as exc:
+        main([*argv[:-4], "--compile", "no_such_backend"])
+    assert exc.value.code == 2 and "argument --compile: invalid choice: 'no_such_backend'" in capsys.readouterr().err
