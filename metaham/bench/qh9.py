@@ -381,6 +381,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
     (a PyG ``Batch`` of :mod:`metaham.qh9.dataset` molecules; its ``H`` are the targets), in alternation. The model is
     ``QH9Model(**model_options)``, learning ``H`` itself; with ``compile`` (a backend name), both under
     ``torch.compile`` (dynamic shapes), compiled by two untimed steps whose seconds are returned."""
+    import contextlib
     import time
 
     import torch
@@ -426,7 +427,8 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
     pair_counts: list[tuple[int, int]] = []
     hooks = [m.register_forward_hook(lambda _m, _a, out: pair_counts.append((len(out.index), len(out.score))))
              for m in sparse.modules() if isinstance(m, SparsePairGate)]
-    with torch.compiler.set_stance("force_eager"):  # hooks see every call only outside a compiled graph
+    # Hooks see every call only outside a compiled graph. (set_stance is torch >= 2.6; eager runs need none.)
+    with torch.compiler.set_stance("force_eager") if compile else contextlib.nullcontext():
         sparse_step()
     for hook in hooks:
         hook.remove()

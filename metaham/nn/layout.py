@@ -1,7 +1,7 @@
 """The blocks of an irreps as plain integers, for forward passes to read.
 
 A forward pass that iterates an ``o3.Irreps`` reads e3nn ``Irrep`` objects. ``torch.compile`` cannot guard on
-them (``Irrep.__len__`` raises in e3nn 0.5-0.6, so tracing stops with ``NotImplementedError``), and every
+them (``Irrep.__len__`` raises in e3nn 0.6, so tracing stops with ``NotImplementedError``), and every
 ``Irrep("0e")`` built in a forward parses a string. Modules therefore turn their irreps into :class:`Block`
 tuples once, at construction.
 
@@ -21,7 +21,7 @@ class Block(NamedTuple):
     """One ``mul x ir`` block of an irreps."""
 
     mul: int  #: multiplicity
-    l: int  #: degree  # noqa: E741 -- the physicist's name
+    l: int  #: degree
     p: int  #: parity, +1 or -1
     dim: int  #: ``2 l + 1``, the size of one copy
 

@@ -480,14 +480,14 @@ class SparseTensorProduct(nn.Module):
                 outputs[path.i_out].append(self._apply_weight(part, w, shared))
 
         pieces = []
-        for terms, b in zip(outputs, self._blocks_out):
+        for terms, block in zip(outputs, self._blocks_out):
             if terms:
                 total = terms[0]
                 for extra in terms[1:]:
                     total = total + extra
-                pieces.append(total.reshape(n, b.mul * b.dim))
+                pieces.append(total.reshape(n, block.mul * block.dim))
             else:  # no selected path reaches this output
-                pieces.append(x1.new_zeros(n, b.mul * b.dim))
+                pieces.append(x1.new_zeros(n, block.mul * block.dim))
         return torch.cat(pieces, dim=-1)
 
     def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
