@@ -34,6 +34,7 @@ The targets are core Hamiltonians (values do not change the cost).
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import numpy as np
 
@@ -185,7 +186,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         # One untimed run of each route (also the warm-up): predictions and per-molecule metrics to compare.
         theirs, theirs_H = reference(keep=True)
         first = time.perf_counter()
-        _, ours_H = ours(keep=True)
+        with _compile_errors(args.compile):
+            _, ours_H = ours(keep=True)
         first = time.perf_counter() - first  # with --compile: the compilation included
 
         def ours_metrics() -> dict:
@@ -277,6 +279,25 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         "device": str(device),
     }
     return summary, result
+
+
+@contextlib.contextmanager
+def _compile_errors(backend: str | None):
+    """A failure of torch.compile's backend on the first calls (e.g. inductor finding no C++ compiler on a CPU)
+    as one line naming the flag, not a traceback of torch's internals."""
+    from metaham.errors import UsageError
+
+    try:
+        yield
+    except Exception as exc:
+        if not backend or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        hint = (" (inductor compiles C++ on a CPU: it needs a working compiler, g++ or $CXX; --compile aot_eager "
+                "traces without one)" if backend == "inductor" else "")
+        raise UsageError(
+            f"--compile {backend}: torch.compile failed: {type(exc).__name__}: {lines[0] if lines else ''}{hint}"
+        ) from exc
 
 
 def _with_threads(threads: int, fn):
@@ -381,7 +402,6 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
     (a PyG ``Batch`` of :mod:`metaham.qh9.dataset` molecules; its ``H`` are the targets), in alternation. The model is
     ``QH9Model(**model_options)``, learning ``H`` itself; with ``compile`` (a backend name), both under
     ``torch.compile`` (dynamic shapes), compiled by two untimed steps whose seconds are returned."""
-    import contextlib
     import time
 
     import torch
@@ -414,8 +434,9 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
                 torch.cuda.synchronize(device)
 
         started = time.perf_counter()
-        step()  # the sparse model takes its one random-phase step here and is fixed from now on
-        step()  # compiled: the fixed phase is a second graph
+        with _compile_errors(compile):
+            step()  # the sparse model takes its one random-phase step here and is fixed from now on
+            step()  # compiled: the fixed phase is a second graph
         untimed[model.dense] = time.perf_counter() - started
         return model, step
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,19 @@ def test_a_failed_plugin_leaves_the_registry_as_it_was(tmp_path, monkeypatch):
     with pytest.raises(PluginError, match="half.py, line 10: ValueError: fails after registering"):
         systems.load_plugin(plugin)
     assert systems.names() == before
+
+
+def test_compile_without_a_cpp_compiler_is_one_line_naming_the_flag(tmp_path):
+    """``bench qh9 --compile`` (inductor) where no C++ compiler works: exit 2 and a line naming the flag and the
+    way out, not torch's traceback. In a subprocess: inductor reads ``$CXX`` when it is imported."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    argv = [sys.executable, "-m", "metaham", "bench", "qh9", "--part", "train", "--train-molecules", "1",
+            "--train-repeats", "1", "--compile", "--set", "model.layers=1",
+            "--set", "model.node_irreps=8x0e+4x1o+4x2e+2x3o+2x4e"]
+    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("metaham bench: error: --compile inductor: torch.compile failed")
+    assert "no-such-g++" in last and "--compile aot_eager" in last
