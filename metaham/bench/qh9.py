@@ -41,11 +41,11 @@ import numpy as np
 NAME = "qh9"
 HELP = "QH9 model evaluation (metaham qh9 eval vs QH9's one-molecule float64 test route) and training step"
 TARGET_EVAL_SPEEDUP = 5.0
-COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from metaham.options import add_device_flag, positive
+    from metaham.qh9.train import COMPILE_BACKENDS
 
     parser.add_argument("--molecules", type=positive(int), default=8, help="distinct G2 molecules (default 8)")
     parser.add_argument("--conformers", type=positive(int), default=8, help="geometries per molecule (default 8)")

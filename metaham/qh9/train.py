@@ -6,7 +6,7 @@ wrong types are :class:`~metaham.train.ConfigError` s naming the key)::
     model: {...}        # QH9Model arguments: widths, dense, tp_sparsity, pair_sparsity, random_steps, ...
     data: {split_by: auto, seed: 43, max_train: 0, max_val: 0}
     train: {epochs, batch_size, lr, weight_decay, warmup_steps, decay, min_lr_ratio, clip_norm, loss, seed,
-            checkpoint_every, max_minutes, eval_batch_size}
+            checkpoint_every, max_minutes, eval_batch_size, eigen_loss, compile}
     device: auto
     threads: 0
 
@@ -40,6 +40,7 @@ import collections
 import copy
 import inspect
 import math
+import sys
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple
 
@@ -67,6 +68,9 @@ LOSSES = ("mae", "mse", "mae+mse")
 DECAYS = ("cosine", "linear", "none")
 
 _MODEL_DEFAULTS = {k: v.default for k, v in inspect.signature(QH9Model.__init__).parameters.items() if k != "self"}
+# torch.compile backends offered: inductor (generated kernels), cudagraphs (CUDA graph replay), aot_eager and
+# eager (tracing only: for debugging, and for tests that must not wait for code generation).
+COMPILE_BACKENDS = ("inductor", "cudagraphs", "aot_eager", "eager")
 STATISTICS_ROWS = 2000  # training rows (a fixed random subset) that set the reference blocks and output scale
 
 SCHEMA: dict[str, Any] = {
@@ -88,6 +92,8 @@ SCHEMA: dict[str, Any] = {
         "eval_batch_size": 64,
         # Weights of the eigen-aware terms (metaham.qh9.eigen_loss), added to `loss`; 0: off.
         "eigen_loss": {"alignment": 0.0, "virtual": 0.0, "density": 0.0, "hinge": 0.0},
+        # torch.compile backend for the model once its kept paths are fixed; none: eager (docs/benchmarks.md).
+        "compile": "none",
     },
     "device": "auto",
     "threads": 0,
@@ -128,6 +134,8 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> None:
     for key, value in t["eigen_loss"].items():
         require(math.isfinite(value) and value >= 0, f"train.eigen_loss.{key}", "a finite number >= 0", value)
     require(t["decay"] in DECAYS, "train.decay", f"one of {', '.join(DECAYS)}", t["decay"])
+    backends = ("none", *COMPILE_BACKENDS)
+    require(t["compile"] in backends, "train.compile", f"one of {', '.join(backends)}", t["compile"])
     require(d["split_by"] in ("auto", *SCHEMES), "data.split_by", f"auto or one of {', '.join(SCHEMES)}", d["split_by"])
     for key in ("max_train", "max_val"):
         require(d[key] >= 0, f"data.{key}", ">= 0 (0: all rows)", d[key])
@@ -309,6 +317,7 @@ class _Epochs:
         self.model = build_model(config["model"]).to(run.device)
         self.optimizer = _optimizer(self.model, settings)
         self.schedulers = [self.model.sparsity]  # one scheduler step per optimizer step
+        self._compiled = False
         self.recent: collections.deque[float] = collections.deque(maxlen=20)  # the progress bar's loss
         # Everything the loop's position and the log depend on; `loss_sum` / `loss_count` are the running
         # epoch's, so that its log row averages all its batches even when the epoch spans a resume.
@@ -358,6 +367,7 @@ class _Epochs:
     def loss(self, shard: _Shard, step: int) -> torch.Tensor:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, self.total_steps, self.settings)
+        self._compile_when_fixed()
         model, batch = self.model, shard.batch
         learned = model(batch.z, batch.pos, batch.batch, batch.ptr)
         loss = matrix_loss(learned, model.target(batch), self.settings["loss"], model.output_scale)
@@ -370,6 +380,19 @@ class _Epochs:
                                            model.output_scale)
         # Both terms are means over this shard's molecules: weigh them by the shard's share of the batch.
         return loss * shard_weight(batch.num_graphs, shard.total, self.run.world)
+
+    def _compile_when_fixed(self) -> None:
+        """``train.compile``: compile the model in place once its kept paths stop changing (the fixed phase; a
+        dense model from the start). The random and adaptive phases choose new paths at every step, values a
+        compiled graph is specialised on: a recompilation per step."""
+        backend, model = self.settings["compile"], self.model
+        if backend == "none" or self._compiled or not (model.dense or model.sparsity.phase == "fixed"):
+            return
+        if self.run.world.rank == 0:
+            print(f"compiling the model with torch.compile ({backend}): the next steps and the next validation "
+                  "take minutes on a CPU, once", file=sys.stderr, flush=True)
+        model.compile(dynamic=True, backend=backend)
+        self._compiled = True
 
     def after_step(self, step: int, loss: float, clock: Clock) -> bool:
         p = self.progress

@@ -8,6 +8,7 @@ import torch
 from metaham.cli import main
 from metaham.qh9 import generate as gen
 from metaham.qh9.train import load_train_config, read_log, train
+from metaham.train import ConfigError
 
 # A small model: the same code paths as the default one (both gates, all three phases), a fraction of the cost.
 TINY = dict(
@@ -149,3 +150,22 @@ def test_bench_train_compiled_traces_both_models(capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv[:-4], "--compile", "no_such_backend"])
     assert exc.value.code == 2 and "argument --compile: invalid choice: 'no_such_backend'" in capsys.readouterr().err
+
+
+def test_compiled_training_matches_eager_and_starts_in_the_fixed_phase(water, tmp_path, capsys):
+    """``train.compile``: the model is compiled once its kept paths are fixed, and training goes on as before.
+    Backend ``eager`` (dynamo's tracing, the same kernels as eager) so that the logs must agree exactly and the
+    test does not wait for code generation."""
+    extra = {"train.batch_size": 4, "train.epochs": 6, "data.file": water}  # 2 steps per epoch, 12 in all
+    phases = dict(random_steps=3, adaptive_steps=2)
+    train(load_train_config(None, _sets(extra, **phases)), tmp_path / "eager", progress=False)
+    assert "compiling" not in capsys.readouterr().err
+    compiled = load_train_config(None, _sets({**extra, "train.compile": "eager"}, **phases))
+    result = train(compiled, tmp_path / "compiled", progress=False)
+    assert result["phase"] == "fixed" and result["steps"] == 12
+    assert "compiling the model with torch.compile (eager)" in capsys.readouterr().err
+    want, got = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
+    assert [row["val_h_mae_ueh"] for row in got] == [row["val_h_mae_ueh"] for row in want]
+    assert [row["phase"] for row in got] == [row["phase"] for row in want]
+    with pytest.raises(ConfigError, match="train.compile.*one of none, inductor"):
+        load_train_config(None, _sets({"train.compile": "fast"}))
