@@ -144,6 +144,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     from metaham.text import table
     from metaham.qh9.dataset import QH9Dataset, matrices
     from metaham.qh9.evaluate import Evaluator, evaluate_model
+    from metaham.qh9.train import compile_errors
     from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
 
@@ -186,7 +187,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         # One untimed run of each route (also the warm-up): predictions and per-molecule metrics to compare.
         theirs, theirs_H = reference(keep=True)
         first = time.perf_counter()
-        with _compile_errors(args.compile):
+        with compile_errors("--compile {}", args.compile):
             _, ours_H = ours(keep=True)
         first = time.perf_counter() - first  # with --compile: the compilation included
 
@@ -279,25 +280,6 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         "device": str(device),
     }
     return summary, result
-
-
-@contextlib.contextmanager
-def _compile_errors(backend: str | None):
-    """A failure of torch.compile's backend on the first calls (e.g. inductor finding no C++ compiler on a CPU)
-    as one line naming the flag, not a traceback of torch's internals."""
-    from metaham.errors import UsageError
-
-    try:
-        yield
-    except Exception as exc:
-        if not backend or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
-            raise
-        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-        hint = (" (inductor compiles C++ on a CPU: it needs a working compiler, g++ or $CXX; --compile aot_eager "
-                "traces without one)" if backend == "inductor" else "")
-        raise UsageError(
-            f"--compile {backend}: torch.compile failed: {type(exc).__name__}: {lines[0] if lines else ''}{hint}"
-        ) from exc
 
 
 def _with_threads(threads: int, fn):
@@ -409,7 +391,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
     from metaham.bench import interleaved_median_times
     from metaham.nn import SparsePairGate
     from metaham.qh9.model import QH9Model
-    from metaham.qh9.train import matrix_loss
+    from metaham.qh9.train import compile_errors, matrix_loss
 
     batch = batch.to(device)
     options = {**model_options, "residual": False}
@@ -434,15 +416,13 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
                 torch.cuda.synchronize(device)
 
         started = time.perf_counter()
-        with _compile_errors(compile):
+        with compile_errors("--compile {}", compile):
             step()  # the sparse model takes its one random-phase step here and is fixed from now on
             step()  # compiled: the fixed phase is a second graph
-        untimed[model.dense] = time.perf_counter() - started
-        return model, step
+        return model, step, time.perf_counter() - started
 
-    untimed: dict[bool, float] = {}
-    sparse, sparse_step = setup(False)
-    dense, dense_step = setup(True)
+    sparse, sparse_step, sparse_untimed = setup(False)
+    dense, dense_step, dense_untimed = setup(True)
     _require_fixed_phase(sparse)
     # The pairs the pair gates keep, summed over the gates (encoder blocks and head) of one step.
     pair_counts: list[tuple[int, int]] = []
@@ -476,8 +456,8 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
         "train_dense_tp_s": in_products["dense"],
         "train_sparse_tp_s": in_products["sparse"],
         "train_compile_backend": compile,
-        "train_dense_first_steps_s": untimed[True],
-        "train_sparse_first_steps_s": untimed[False],
+        "train_dense_first_steps_s": dense_untimed,
+        "train_sparse_first_steps_s": sparse_untimed,
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),
         "parameters_dense": sum(p.numel() for p in dense.parameters()),
     }

@@ -37,6 +37,7 @@ run reproduces an uninterrupted one, log included.
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import inspect
 import math
@@ -48,6 +49,7 @@ import numpy as np
 import torch
 from torch_geometric.data import Batch
 
+from metaham.errors import UsageError
 from metaham.train import ConfigError, load_config
 from metaham.train.checkpoint import capture_state, restore_state
 from metaham.train.distributed import (
@@ -159,6 +161,24 @@ RUN = RunSpec(
 
 
 # -- loss, schedule, validation ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def compile_errors(setting: str, backend: str | None) -> Iterator[None]:
+    """A failure of torch.compile's backend on the first calls of a compiled model (e.g. inductor finding no C++
+    compiler on a CPU) as one :class:`~metaham.errors.UsageError` line naming the setting,
+    ``setting.format(backend)`` (``"--compile {}"``, ``"train.compile={}"``), not a traceback of torch's internals."""
+    try:
+        yield
+    except Exception as exc:
+        if backend in (None, "none") or not type(exc).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            raise
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+        hint = (f" (inductor compiles C++ on a CPU: it needs a working compiler, g++ or $CXX; "
+                f"{setting.format('aot_eager')} traces without one)" if backend == "inductor" else "")
+        raise UsageError(
+            f"{setting.format(backend)}: torch.compile failed: {type(exc).__name__}: {lines[0] if lines else ''}{hint}"
+        ) from exc
+
+
 def matrix_loss(predicted: list[torch.Tensor], target: list[torch.Tensor], kind: str, scale: torch.Tensor) -> torch.Tensor:
     """Mean over molecules of the mean entry error of ``(pred - target) / scale``: ``mae``, ``mse`` or their sum."""
     losses = []
@@ -369,7 +389,8 @@ class _Epochs:
             group["lr"] = learning_rate(step, self.total_steps, self.settings)
         self._compile_when_fixed()
         model, batch = self.model, shard.batch
-        learned = model(batch.z, batch.pos, batch.batch, batch.ptr)
+        with compile_errors("train.compile={}", self.settings["compile"]):
+            learned = model(batch.z, batch.pos, batch.batch, batch.ptr)
         loss = matrix_loss(learned, model.target(batch), self.settings["loss"], model.output_scale)
         weights = EigenWeights(**self.settings["eigen_loss"])
         if weights:
@@ -388,7 +409,7 @@ class _Epochs:
         backend, model = self.settings["compile"], self.model
         if backend == "none" or self._compiled or not (model.dense or model.sparsity.phase == "fixed"):
             return
-        if self.run.world.rank == 0:
+        if self.run.world.is_main:
             print(f"compiling the model with torch.compile ({backend}): the next steps and the next validation "
                   "take minutes on a CPU, once", file=sys.stderr, flush=True)
         model.compile(dynamic=True, backend=backend)

@@ -1,5 +1,8 @@
 """`metaham qh9 train` / `eval` and the training loop: it learns, resumes exactly, checkpoints load safely."""
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -169,3 +172,20 @@ def test_compiled_training_matches_eager_and_starts_in_the_fixed_phase(water, tm
     assert [row["phase"] for row in got] == [row["phase"] for row in want]
     with pytest.raises(ConfigError, match="train.compile.*one of none, inductor"):
         load_train_config(None, _sets({"train.compile": "fast"}))
+
+
+def test_compiled_training_without_a_cpp_compiler_is_one_line_naming_the_key(water, tmp_path):
+    """``train.compile=inductor`` where no C++ compiler works: exit 2 and a line naming the key and the way out,
+    not torch's traceback. A dense model compiles at its first step. In a subprocess: inductor reads ``$CXX``
+    when it is imported."""
+    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    sets = _sets({"data.file": water, "train.epochs": 1, "train.compile": "inductor"}, dense=True)
+    argv = [sys.executable, "-m", "metaham", "qh9", "train", "--out", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run([*argv, *(a for s in sets for a in ("--set", s))], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("metaham qh9: error: train.compile=inductor: torch.compile failed")
+    assert "no-such-g++" in last and "train.compile=aot_eager" in last
