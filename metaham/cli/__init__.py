@@ -19,6 +19,7 @@ import sys
 from metaham import __version__
 
 from metaham.errors import UserError
+from metaham.allocator import tune_cpu_allocator
 
 # Display order of the subcommands; module name -> command name.
 COMMANDS = {
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("METAHAM_DEBUG", "") not in ("", "0")
+    tune_cpu_allocator()
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:

@@ -29,11 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from metaham.allocator import allocator_state
     from metaham.bench import discover
 
     if args._bench is not None:
         summary, result = args._bench.run(args)
-        return emit(args, summary, result)
+        # Timings depend on malloc's policy (metaham.allocator): say which one they were measured under.
+        return emit(args, summary, {**result, "cpu_allocator": allocator_state()})
     results = {}
     for name, module in discover().items():
         p = argparse.ArgumentParser()
@@ -42,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"== bench {name} ==", flush=True)
         summary, result = module.run(sub_args)
         print(summary, flush=True)
-        results[name] = result
+        results[name] = {**result, "cpu_allocator": allocator_state()}
     return emit(args, "", results)

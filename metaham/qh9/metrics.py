@@ -58,15 +58,10 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
     H_pred, H_true, S = H_pred.to(f64), H_true.to(f64), S.to(f64)
     m, n, _ = S.shape
     nocc = nocc.to(S.device)
-    L, info = torch.linalg.cholesky_ex(S)
-    if bool((info != 0).any()):
-        bad = torch.nonzero(info).ravel().tolist()
-        raise ValueError(f"overlap matrix not positive definite for molecule(s) {bad} of the batch (atoms too close?)")
     H = torch.stack([H_pred, H_true])
-    A = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, H, upper=False).mT, upper=False)
-    # eigh reads one triangle and a prediction need not be exactly symmetric: symmetrise. A is linear in H, so
-    # symmetrising A here equals symmetrising H first, at one pass over the matrices instead of two.
-    eps, V = torch.linalg.eigh(0.5 * (A + A.mT))
+    # eigh reads one triangle and a prediction need not be exactly symmetric: symmetrise it first.
+    L, A = orthonormal_problem(0.5 * (H + H.mT), S)
+    eps, V = torch.linalg.eigh(A, UPLO="L")
     k = int(nocc.max())  # psi looks at occupied orbitals only: back-transform just those columns
     C = torch.linalg.solve_triangular(L.mT, V[..., :k], upper=True)  # (2, m, n, k), columns are orbitals
 
@@ -93,6 +88,47 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
         "lumo_err": (lumo[0] - lumo[1]).abs(),
         "gap_err": ((lumo[0] - homo[0]) - (lumo[1] - homo[1])).abs(),
     }
+
+
+def orthonormal_problem(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    """The generalized problems ``H C = S C eps`` as ordinary ones: the Cholesky factors ``L`` ``(m, n, n)`` of
+    ``S = L L^T`` and ``A = L^-1 H L^-T`` ``(2, m, n, n)`` for the two symmetric matrices ``H`` ``(2, m, n, n)``
+    of each molecule, float64; only ``A``'s lower triangle is defined (``eigh(A, UPLO="L")``).
+
+    On a CPU, LAPACK's own reduction (scipy's ``dsygst``, one molecule at a time), which is faster than two
+    batched triangular solves (docs/benchmarks.md, "The CPU allocator and the LAPACK reduction"); on other
+    devices torch's triangular solves, where the matrices are. :class:`ValueError` names the
+    molecules (positions in the batch) whose overlap is not positive definite.
+    """
+    return (_lapack_reduction if S.device.type == "cpu" else _torch_reduction)(H, S)
+
+
+def _torch_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    L, info = torch.linalg.cholesky_ex(S)
+    _check_positive(info.cpu().numpy())
+    return L, torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, H, upper=False), upper=True, left=False)
+
+
+def _lapack_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+    from scipy.linalg import lapack
+
+    S_np, H_np = S.numpy(), H.numpy()
+    L, A = np.zeros_like(S_np), np.empty_like(H_np)
+    info = np.zeros(len(S_np), dtype=np.int64)
+    for b in range(len(S_np)):
+        factor, info[b] = lapack.dpotrf(S_np[b], lower=1)  # the upper triangle comes back zeroed
+        if info[b] == 0:
+            L[b] = factor
+            for h in range(len(H_np)):
+                A[h, b] = lapack.dsygst(H_np[h, b], factor, itype=1, lower=1)[0]
+    _check_positive(info)
+    return torch.from_numpy(L), torch.from_numpy(A)
+
+
+def _check_positive(info: np.ndarray) -> None:
+    bad = np.nonzero(info)[0].tolist()
+    if bad:
+        raise ValueError(f"overlap matrix not positive definite for molecule(s) {bad} of the batch (atoms too close?)")
 
 
 def summarize(per_molecule: dict[str, np.ndarray]) -> dict[str, float]:

@@ -129,3 +129,25 @@ def test_equal_size_molecules_with_different_occupation_in_one_call():
         expected = _scipy_errors(H_pred, record)
         for key in SUMMARY_NAMES:
             assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
+
+
+def test_lapack_and_torch_reductions_agree():
+    """The CPU route (LAPACK's dsygst) and the route of other devices (torch's triangular solves) give the same
+    factor and reduced matrices, and both name the molecule whose overlap is not positive definite."""
+    from metaham.qh9.metrics import _lapack_reduction, _torch_reduction
+
+    rng = np.random.default_rng(0)
+    B = rng.normal(size=(3, 12, 12))
+    S = torch.from_numpy(B @ B.transpose(0, 2, 1) / 12 + np.eye(12))
+    E = rng.normal(size=(2, 3, 12, 12))
+    H = torch.from_numpy(E + E.transpose(0, 1, 3, 2))
+    L1, A1 = _lapack_reduction(H, S)
+    L2, A2 = _torch_reduction(H, S)
+    lower = torch.ones(12, 12, dtype=torch.bool).tril()
+    assert torch.allclose(L1, L2, rtol=0, atol=1e-12)
+    assert torch.allclose(A1[..., lower], A2[..., lower], rtol=0, atol=1e-11)
+    assert torch.allclose(L1 @ L1.mT, S, rtol=0, atol=1e-12)
+    S[1, 0, 1] = S[1, 1, 0] = 5.0  # no longer positive definite
+    for reduction in (_lapack_reduction, _torch_reduction):
+        with pytest.raises(ValueError, match=r"not positive definite for molecule\(s\) \[1\]"):
+            reduction(H, S)
