@@ -10,8 +10,9 @@ CPU allocator"). :func:`tune_cpu_allocator` raises both thresholds, as ``MALLOC_
 largest threshold) come from the heap, and up to 256 MiB of freed heap stays mapped for reuse. The price is a
 resident size that does not shrink below the run's peak use by more than that.
 
-Every ``metaham`` command calls it once at start-up; ``METAHAM_MALLOC=default`` keeps glibc's defaults. On
-other C libraries (macOS, musl) it does nothing.
+Every ``metaham`` command calls it once at start-up; ``METAHAM_MALLOC=default`` keeps glibc's defaults
+(``tuned``, or unset, raises them; any other value is a :class:`~metaham.errors.UsageError`). On other C
+libraries (macOS, musl) it does nothing.
 
 >>> from metaham.allocator import tune_cpu_allocator
 >>> tune_cpu_allocator()  # doctest: +SKIP
@@ -21,6 +22,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+
+from metaham.errors import UsageError
 
 MIB = 1 << 20
 MMAP_THRESHOLD = 32 * MIB  # glibc's upper limit for M_MMAP_THRESHOLD on 64-bit systems
@@ -35,9 +38,13 @@ def tune_cpu_allocator() -> str:
     """Raise glibc's mmap and trim thresholds (see the module docstring) unless ``METAHAM_MALLOC=default``.
 
     Returns the allocator's state as :func:`allocator_state` reports it. Calling it again changes nothing.
+    :class:`~metaham.errors.UsageError` for a value of ``METAHAM_MALLOC`` other than ``default`` or ``tuned``.
     """
     global _state
-    if os.environ.get(ENV, "").strip().lower() == "default":
+    choice = os.environ.get(ENV, "").strip().lower()
+    if choice not in ("", "tuned", "default"):
+        raise UsageError(f"{ENV}={os.environ[ENV]!r}: expected 'default' (glibc's own malloc thresholds) or 'tuned'")
+    if choice == "default":
         return _state
     libc = _glibc()
     if libc is None:

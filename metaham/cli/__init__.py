@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     debug = args.debug or os.environ.get("METAHAM_DEBUG", "") not in ("", "0")
-    tune_cpu_allocator()
     try:
+        tune_cpu_allocator()
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

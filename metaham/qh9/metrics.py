@@ -95,10 +95,10 @@ def orthonormal_problem(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     ``S = L L^T`` and ``A = L^-1 H L^-T`` ``(2, m, n, n)`` for the two symmetric matrices ``H`` ``(2, m, n, n)``
     of each molecule, float64; only ``A``'s lower triangle is defined (``eigh(A, UPLO="L")``).
 
-    On a CPU, LAPACK's own reduction (scipy's ``dsygst``, one molecule at a time), which is faster than two
-    batched triangular solves (docs/benchmarks.md, "The CPU allocator and the LAPACK reduction"); on other
-    devices torch's triangular solves, where the matrices are. :class:`ValueError` names the
-    molecules (positions in the batch) whose overlap is not positive definite.
+    On a CPU this is LAPACK's own reduction (scipy's ``dsygst``, one molecule at a time), faster than two batched
+    triangular solves (docs/benchmarks.md, "The CPU allocator and the LAPACK reduction"); on other devices it is
+    torch's triangular solves, where the matrices are. :class:`ValueError` names the molecules (positions in the
+    batch) whose overlap is not positive definite.
     """
     return (_lapack_reduction if S.device.type == "cpu" else _torch_reduction)(H, S)
 
@@ -112,7 +112,7 @@ def _torch_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
 def _lapack_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     from scipy.linalg import lapack
 
-    S_np, H_np = S.numpy(), H.numpy()
+    S_np, H_np = S.detach().numpy(), H.detach().numpy()  # metrics: no gradient flows through them
     L, A = np.zeros_like(S_np), np.empty_like(H_np)
     info = np.zeros(len(S_np), dtype=np.int64)
     for b in range(len(S_np)):

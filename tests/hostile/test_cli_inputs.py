@@ -268,3 +268,16 @@ def test_compile_without_a_cpp_compiler_is_one_line_naming_the_flag(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("metaham bench: error: --compile inductor: torch.compile failed")
     assert "no-such-g++" in last and "--compile aot_eager" in last
+
+
+def test_an_unknown_malloc_setting_is_one_line_naming_the_variable(capsys, monkeypatch):
+    """``METAHAM_MALLOC=off`` is not a value the allocator set-up knows: exit 2 and a line naming the variable
+    and the values it takes, before any work; ``default`` and ``tuned`` run."""
+    monkeypatch.setenv("METAHAM_MALLOC", "off")
+    assert main(["systems", "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "metaham systems: error: METAHAM_MALLOC='off': expected 'default' (glibc's own malloc thresholds) or 'tuned'"
+    for value in ("default", "tuned", ""):
+        monkeypatch.setenv("METAHAM_MALLOC", value)
+        assert main(["systems", "--json"]) == 0
+    capsys.readouterr()
