@@ -64,7 +64,7 @@ def allocator_state() -> str:
 def _glibc() -> ctypes.CDLL | None:
     try:
         libc = ctypes.CDLL(None)  # the symbols already loaded into this process, its C library's among them
-    except OSError:
+    except (OSError, TypeError):  # TypeError: Windows, which has no "this process" handle
         return None
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         return None  # not glibc: its malloc has its own policy (and no such knobs)
