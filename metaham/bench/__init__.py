@@ -54,15 +54,23 @@ def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1, sync: C
     return statistics.median(times)
 
 
-def interleaved_median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median times of several functions measured in alternation, so that machine noise hits all alike."""
+def interleaved_median_times(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, sync: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Median times of several functions measured in alternation, so that machine noise hits all alike;
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each timed call, so that queued GPU work
+    is counted where it was launched."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            if sync:
+                sync()
             t0 = time.perf_counter()
             fn()
+            if sync:
+                sync()
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or eager (tracing only). The untimed first runs compile, at the threads torch has (time one thread "
         "with OMP_NUM_THREADS=1)",
     )
+    parser.add_argument(
+        "--tp-backend", choices=["torch", "cuequivariance"], default="torch",
+        help="who runs the fixed kept tensor-product paths of our evaluation model and of both training-step "
+        "models: torch (our contraction, default) or cuequivariance (cuequivariance-torch; NVIDIA's kernels on "
+        "CUDA with pip install 'metaham[cuda]')",
+    )
     add_device_flag(parser)
 
 
@@ -104,6 +110,14 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
 
     device = resolve_device(args.device)
     config = _config(args)
+    if args.tp_backend == "cuequivariance":
+        from metaham.errors import UsageError
+        from metaham.nn import cue_backend
+
+        if not cue_backend.available():
+            raise UsageError(
+                "--tp-backend cuequivariance: cuequivariance-torch is not installed (pip install cuequivariance-torch)"
+            )
     summaries, result = [], {"device": str(device), "config": args.config, "overrides": list(args.overrides)}
     if args.part in ("eval", "all"):
         summary, part = _eval_speedup(args, config, device)
@@ -144,6 +158,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     from metaham.text import table
     from metaham.qh9.dataset import QH9Dataset, matrices
     from metaham.qh9.evaluate import Evaluator, evaluate_model
+    from metaham.nn import use_backend
     from metaham.qh9.train import compile_errors
     from metaham.qh9.metrics import MICRO, SUMMARY_NAMES, reference_errors
     from metaham.qh9.overlap import clear_cache
@@ -156,6 +171,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
         reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
+        use_backend(model, args.tp_backend)  # ours only, as --compile
         if args.compile:  # ours only: QH9's route is timed as QH9 runs it
             model.compile(dynamic=True, backend=args.compile)
 
@@ -248,6 +264,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         f"{args.conformers} conformers, {min(norbs)}-{max(norbs)} AOs), "
         f"{'dense' if model.dense else 'sparse fixed-phase'} model of configs/qh9.yaml, device {device}, "
         f"median of {args.repeats}" + (f", ours under torch.compile ({args.compile})" if args.compile else "")
+        + (f", our kept tensor-product paths run by {args.tp_backend}" if args.tp_backend != "torch" else "")
         + f"; our first run (untimed{', compiling' if args.compile else ''}) {first:.1f} s"
         + ("; speed-up against the test route at its faster thread count (*)\n" if len(thread_counts) > 1 else "\n")
         + table(rows, ["route", "threads", "forward ms/mol", "metrics ms/mol", "total ms/mol", "speed-up"])
@@ -267,6 +284,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         "eval_batch_size": batch_size,
         "eval_model_dtype": dtype,
         "eval_compile_backend": args.compile,
+        "eval_tp_backend": args.tp_backend,
         "eval_first_run_s": first,
         "eval_threads": available,
         "eval_reference_threads": best["reference"],
@@ -343,7 +361,9 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
         for row, Z, pos, H_true, _ in g2_inputs(args.train_molecules, 1)
     ]
     batch = Batch.from_data_list(molecules)
-    result = time_training_steps(batch, device, args.train_repeats, model_options, compile=args.compile)
+    result = time_training_steps(
+        batch, device, args.train_repeats, model_options, compile=args.compile, tp_backend=args.tp_backend
+    )
     speedup, met = result["train_speedup"], result["train_target_met"]
     compiled = result["train_compile_backend"]
 
@@ -359,7 +379,8 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
     summary = (
         f"QH9 model training step on {len(molecules)} molecules ({result['train_atoms']} atoms, "
         f"{int(batch.norb.sum())} AOs), device {device}, median of {args.train_repeats}"
-        + (f", both models under torch.compile ({compiled})" if compiled else "") + "\n"
+        + (f", both models under torch.compile ({compiled})" if compiled else "")
+        + (f", kept tensor-product paths run by {args.tp_backend}" if args.tp_backend != "torch" else "") + "\n"
         + table(rows, ["model", "ms / step", "of which tensor products", "speed-up"])
         + f"\ntrain_speedup {speedup:.2f} (target >= {TARGET_TRAIN_SPEEDUP:g}: {'met' if met else 'NOT met'}); "
         f"{result['parameters_sparse']} parameters (sparse), {result['parameters_dense']} (dense)\n"
@@ -379,17 +400,20 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
     return summary, result
 
 
-def time_training_steps(batch, device, repeats: int, model_options: dict, compile: str | None = None) -> dict:
+def time_training_steps(
+    batch, device, repeats: int, model_options: dict, compile: str | None = None, tp_backend: str = "torch"
+) -> dict:
     """Median time of one training step of the sparse model (fixed phase) and of its dense twin on ``batch``
     (a PyG ``Batch`` of :mod:`metaham.qh9.dataset` molecules; its ``H`` are the targets), in alternation. The model is
     ``QH9Model(**model_options)``, learning ``H`` itself; with ``compile`` (a backend name), both under
-    ``torch.compile`` (dynamic shapes), compiled by two untimed steps whose seconds are returned."""
+    ``torch.compile`` (dynamic shapes), compiled by two untimed steps whose seconds are returned; the fixed kept
+    tensor-product paths of both run by ``tp_backend`` (:func:`metaham.nn.use_backend`)."""
     import time
 
     import torch
 
     from metaham.bench import interleaved_median_times
-    from metaham.nn import SparsePairGate
+    from metaham.nn import SparsePairGate, use_backend
     from metaham.qh9.model import QH9Model
     from metaham.qh9.train import compile_errors, matrix_loss
 
@@ -400,6 +424,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
         torch.manual_seed(0)
         model = QH9Model(**{**options, "dense": dense, "random_steps": 1, "adaptive_steps": 0}).to(device)
         _seed_path_weights(model)
+        use_backend(model, tp_backend)  # the sparse model's products take it once fixed, after its first step
         if compile:
             model.compile(dynamic=True, backend=compile)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
@@ -456,6 +481,7 @@ def time_training_steps(batch, device, repeats: int, model_options: dict, compil
         "train_dense_tp_s": in_products["dense"],
         "train_sparse_tp_s": in_products["sparse"],
         "train_compile_backend": compile,
+        "train_tp_backend": tp_backend,
         "train_dense_first_steps_s": dense_untimed,
         "train_sparse_first_steps_s": sparse_untimed,
         "parameters_sparse": sum(p.numel() for p in sparse.parameters()),

@@ -27,11 +27,11 @@ NAME = "tp"
 HELP = "sparse vs dense e3nn tensor product (fixed phase) and a message block with vs without the pair gate"
 TARGETS = {"speedup_l2": 2.5, "speedup_l4": 4.0, "speedup_pair_gate": 2.5}
 MOLECULE_SIZES = (12, 14, 16, 18, 20, 22, 24, 26)
-SETTINGS = ("edges", "sparsity", "repeats", "kept_sets", "threads", "mul", "seed")
+SETTINGS = ("edges", "sparsity", "repeats", "kept_sets", "threads", "mul", "seed", "backend")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from metaham.options import positive
+    from metaham.options import add_device_flag, positive
 
     parser.add_argument("--edges", type=positive(int), default=1000, help="rows of the tensor products (default 1000)")
     parser.add_argument("--sparsity", type=float, default=0.7, help="sparsity of both gates, in [0, 1) (default 0.7)")
@@ -42,6 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive(int), default=2, help="CPU threads (default 2)")
     parser.add_argument("--mul", type=positive(int), default=64, help="feature multiplicity (default 64)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument(
+        "--backend", choices=["torch", "cuequivariance"], default="torch",
+        help="cuequivariance: also time the same dense and fixed-phase products with their paths run by "
+        "cuequivariance-torch (method naive on a CPU, fused_tp on CUDA; metaham.nn.cue_backend)",
+    )
+    add_device_flag(parser)
 
 
 def _irreps(mul: int, lmax: int) -> o3.Irreps:
@@ -57,7 +63,9 @@ def _fwd_bwd(fn, *leaves):
     return run
 
 
-def _time_tensor_products(lmax: int, args, generator: torch.Generator) -> dict:
+def _time_tensor_products(lmax: int, args, generator: torch.Generator, device: torch.device) -> dict:
+    import copy
+
     from metaham.nn import SparseTensorProduct
 
     features, sh = _irreps(args.mul, lmax), _irreps(1, lmax)
@@ -70,9 +78,10 @@ def _time_tensor_products(lmax: int, args, generator: torch.Generator) -> dict:
         shared_weights=False,
         internal_weights=False,
     )
-    x = torch.randn(args.edges, features.dim, generator=generator, requires_grad=True)
-    y = torch.randn(args.edges, sh.dim, generator=generator)
-    w = torch.randn(args.edges, dense.weight_numel, generator=generator, requires_grad=True)
+    dense, reference = dense.to(device), reference.to(device)
+    x = torch.randn(args.edges, features.dim, generator=generator).to(device).requires_grad_()
+    y = torch.randn(args.edges, sh.dim, generator=generator).to(device)
+    w = torch.randn(args.edges, dense.weight_numel, generator=generator).to(device).requires_grad_()
     fns = {
         "e3nn dense": _fwd_bwd(lambda: reference(x, y, w), x, w),
         "ours dense": _fwd_bwd(lambda: dense(x, y, w), x, w),
@@ -83,10 +92,28 @@ def _time_tensor_products(lmax: int, args, generator: torch.Generator) -> dict:
         with torch.no_grad():
             sparse.path_weight.copy_(torch.rand(sparse.n_paths, generator=generator))
         sparse.set_phase("fixed")
+        sparse = sparse.to(device)
         kept_sets.append(list(sparse.kept_paths))
         fns[f"ours fixed #{k}"] = _fwd_bwd(lambda tp=sparse: tp(x, y, w), x, w)
-    times = interleaved_median_times(fns, repeats=args.repeats)
+        if args.backend == "cuequivariance":
+            cue = copy.deepcopy(sparse)
+            cue.set_backend("cuequivariance")
+            fns[f"cue fixed #{k}"] = _fwd_bwd(lambda tp=cue: tp(x, y, w), x, w)
+    if args.backend == "cuequivariance":
+        cue_dense = copy.deepcopy(dense)
+        cue_dense.set_backend("cuequivariance")
+        fns["cue dense"] = _fwd_bwd(lambda: cue_dense(x, y, w), x, w)
+    times = interleaved_median_times(fns, repeats=args.repeats, sync=_sync(device))
     fixed = statistics.median(times[f"ours fixed #{k}"] for k in range(args.kept_sets))
+    cue = {}
+    if args.backend == "cuequivariance":
+        cue_fixed = statistics.median(times[f"cue fixed #{k}"] for k in range(args.kept_sets))
+        cue = {
+            "ms_cue_dense": 1e3 * times["cue dense"],
+            "ms_cue_fixed": 1e3 * cue_fixed,
+            "speedup_cue_fixed_vs_ours_fixed": fixed / cue_fixed,
+            "speedup_cue_fixed_vs_e3nn_dense": times["e3nn dense"] / cue_fixed,
+        }
     return {
         "n_paths": dense.n_paths,
         "n_kept": len(kept_sets[0]),
@@ -98,10 +125,16 @@ def _time_tensor_products(lmax: int, args, generator: torch.Generator) -> dict:
         "speedup": times["e3nn dense"] / fixed,
         "speedup_from_sparsity": times["ours dense"] / fixed,
         "speedup_dense_ours_vs_e3nn": times["e3nn dense"] / times["ours dense"],
+        **cue,
     }
 
 
-def _time_pair_gate(args, generator: torch.Generator) -> dict:
+def _sync(device: torch.device):
+    """What makes a timing on ``device`` count its queued work: CUDA's synchronize, nothing on a CPU."""
+    return torch.cuda.synchronize if device.type == "cuda" else None
+
+
+def _time_pair_gate(args, generator: torch.Generator, device: torch.device) -> dict:
     from metaham.nn import InteractionBlock
 
     # A training batch of 8 molecules of QH9's sizes (12-26 atoms), every pair an edge (QH9-style full graphs).
@@ -115,10 +148,12 @@ def _time_pair_gate(args, generator: torch.Generator) -> dict:
     edge_vec = pos[edge_index[1]] - pos[edge_index[0]]
     x = torch.randn(len(batch), irreps.dim, generator=generator)
     cutoff = float(edge_vec.norm(dim=1).max()) + 1.0
+    x, edge_vec, edge_index, batch = x.to(device), edge_vec.to(device), edge_index.to(device), batch.to(device)
     blocks = {}
     for name, pair_sparsity in (("without pair gate", None), ("with pair gate", args.sparsity)):
         torch.manual_seed(args.seed)
         blocks[name] = InteractionBlock(irreps, irreps, lmax_sh=2, cutoff=cutoff, pair_sparsity=pair_sparsity)
+        blocks[name] = blocks[name].to(device)
     # The bound a pair gate cannot beat: the block without a gate, given only the pairs the gate keeps.
     gated = blocks["with pair gate"]
     with torch.no_grad():
@@ -134,7 +169,7 @@ def _time_pair_gate(args, generator: torch.Generator) -> dict:
         name: _fwd_bwd(lambda b=block, v=vec, e=index: b(x, v, e, batch), *block.parameters())
         for name, (block, vec, index) in inputs.items()
     }
-    times = interleaved_median_times(fns, repeats=args.repeats)
+    times = interleaved_median_times(fns, repeats=args.repeats, sync=_sync(device))
     return {
         "graph_sizes": list(sizes),
         "n_edges": len(edges),
@@ -149,6 +184,8 @@ def _time_pair_gate(args, generator: torch.Generator) -> dict:
 
 def run(args: argparse.Namespace) -> tuple[str, dict]:
     from metaham.errors import UsageError
+    from metaham.nn import cue_backend
+    from metaham.options import resolve_device
     from metaham.text import table
     from metaham.nn.sparse_tp import check_sparsity
 
@@ -156,11 +193,14 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         check_sparsity(args.sparsity, "--sparsity")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if args.backend == "cuequivariance" and not cue_backend.available():
+        raise UsageError("--backend cuequivariance: cuequivariance-torch is not installed (pip install cuequivariance-torch)")
+    device = resolve_device(args.device)
     with torch_threads(args.threads):
         generator = torch.Generator().manual_seed(args.seed)
-        l2 = _time_tensor_products(2, args, generator)
-        l4 = _time_tensor_products(4, args, generator)
-        pair = _time_pair_gate(args, generator)
+        l2 = _time_tensor_products(2, args, generator, device)
+        l4 = _time_tensor_products(4, args, generator, device)
+        pair = _time_pair_gate(args, generator, device)
 
     result = {
         "speedup_l2": l2["speedup"],
@@ -172,6 +212,7 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         "l4": l4,
         "pair_gate": pair,
         "settings": {k: getattr(args, k) for k in SETTINGS},
+        "device": str(device),
     }
     result["targets_met"] = {k: result[k] >= v for k, v in TARGETS.items()}
     rows = []
@@ -181,7 +222,9 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
             f"e3nn dense {r['ms_e3nn_dense']:.1f} ms ({r['n_paths']} paths)",
             f"fixed {r['ms_ours_fixed']:.1f} ms ({r['n_kept']} paths)",
             f"{r['speedup']:.2f}x (target {TARGETS[key]}x)",
-            f"ours dense {r['ms_ours_dense']:.1f} ms; sparsity alone {r['speedup_from_sparsity']:.2f}x",
+            f"ours dense {r['ms_ours_dense']:.1f} ms; sparsity alone {r['speedup_from_sparsity']:.2f}x"
+            + (f"; cuequivariance ({cue_backend.default_method(device)}) dense {r['ms_cue_dense']:.1f} ms, "
+               f"fixed {r['ms_cue_fixed']:.1f} ms" if args.backend == "cuequivariance" else ""),
         ])
     sizes = pair["graph_sizes"]
     rows.append([
@@ -192,7 +235,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         f"no gate on the kept pairs only {pair['ms_kept_pairs_only']:.1f} ms: bound {pair['speedup_bound']:.2f}x",
     ])
     summary = (
-        f"forward+backward, median of {args.repeats} interleaved repeats, {args.threads} threads, "
-        f"sparsity {args.sparsity}\n" + table(rows, ["case", "baseline", "sparse", "speedup", "notes"])
+        f"forward+backward, median of {args.repeats} interleaved repeats, "
+        f"{args.threads} CPU threads" + (f", device {device}" if device.type != "cpu" else "")
+        + f", sparsity {args.sparsity}\n" + table(rows, ["case", "baseline", "sparse", "speedup", "notes"])
     )
     return summary, result

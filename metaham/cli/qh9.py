@@ -351,6 +351,11 @@ def _add_model_commands(sub) -> None:
         "their ratio, share of molecules made slower, max |dE| (scf_* keys)",
     )
     p.add_argument("--scf-workers", type=positive(int), default=1, metavar="N", help="processes for --scf (default 1)")
+    p.add_argument(
+        "--tp-backend", default="torch", choices=["torch", "cuequivariance"],
+        help="who runs the model's kept tensor-product paths: torch (our contraction, default) or cuequivariance "
+        "(cuequivariance-torch; NVIDIA's fused kernels on CUDA with pip install 'metaham[cuda]')",
+    )
     add_device_flag(p)
     _add_trust_flag(p)
     add_json_flag(p)
@@ -422,9 +427,9 @@ def _eval(args: argparse.Namespace) -> int:
             summary, predictions = evaluate_checkpoint(
                 args.checkpoint, args.data, args.split, world.device_for(device), args.batch_size,
                 keep_predictions=bool(args.save_predictions) or args.scf, trust_pickle=args.trust_pickle,
-                progress=progress_setting(args),
+                progress=progress_setting(args), tp_backend=args.tp_backend,
             )
-    except (ConfigError, ValueError) as exc:  # ValueError also: a bad METAHAM_DIST_TIMEOUT
+    except (ConfigError, ValueError, ImportError) as exc:  # ImportError: --tp-backend without its library  # ValueError also: a bad METAHAM_DIST_TIMEOUT
         raise UsageError(str(exc)) from exc
     if not world.is_main:
         return 0
@@ -451,7 +456,7 @@ def _eval(args: argparse.Namespace) -> int:
     ranks = f" on {world.size} ranks" if world.distributed else ""
     text = (
         f"{s['data']}: {s['part']} part of the {s['split_by']} split{ranks}; errors in micro-Hartree, orbital "
-        "cosine in %\n"
+        f"cosine in %{'; tensor products run by ' + s['tp_backend'] if s['tp_backend'] != 'torch' else ''}\n"
         + table(rows, header)
         + (f"\npredictions written to {args.save_predictions}" if args.save_predictions else "")
         + (f"\n{scf_report(scf_summary)}" if args.scf else "")

@@ -2,7 +2,8 @@
 
 The public surface:
 
-* :class:`SparseTensorProduct` -- tensor product with a three-phase sparse path gate;
+* :class:`SparseTensorProduct` -- tensor product with a three-phase sparse path gate; its kept paths run on our
+  contraction or, with :func:`use_backend`, on cuequivariance-torch (:mod:`metaham.nn.cue_backend`);
 * :class:`SparsityScheduler` -- drives every such gate in a model, in optimizer steps;
 * :class:`SparsePairGate` -- keeps each graph's most important pairs before any message is computed;
 * :class:`InteractionBlock` -- message / aggregate / update with both gates as options;
@@ -18,7 +19,7 @@ from .pair_gate import PairInvariants, PairSelection, SparsePairGate
 from .radial import BesselBasis, polynomial_cutoff
 from .scheduler import SparsityScheduler
 from .sh import E3NN_P_TO_PYSCF, PYSCF_P_TO_E3NN, sh_irreps, spherical_harmonics
-from .sparse_tp import SparseTensorProduct, linear_columns
+from .sparse_tp import KeptPath, SparseTensorProduct, linear_columns, use_backend
 
 __all__ = [
     "BesselBasis",
@@ -27,6 +28,7 @@ __all__ = [
     "EquivariantLinear",
     "GatedNonlinearity",
     "InteractionBlock",
+    "KeptPath",
     "PYSCF_P_TO_E3NN",
     "PairInvariants",
     "PairSelection",
@@ -37,4 +39,5 @@ __all__ = [
     "linear_columns",
     "sh_irreps",
     "spherical_harmonics",
+    "use_backend",
 ]

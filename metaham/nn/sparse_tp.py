@@ -55,6 +55,7 @@ from .layout import blocks
 
 PHASES = ("random", "adaptive", "fixed")
 MODES = ("uvu", "uvw", "uuu")
+BACKENDS = ("torch", "cuequivariance")
 
 
 class _Path(NamedTuple):
@@ -69,6 +70,18 @@ class _Path(NamedTuple):
     col_stop: int
     j_start: int  # rows of its i_in2 irrep in that buffer (irreps_in2 components, multiplicities ignored)
     j_stop: int
+
+
+class KeptPath(NamedTuple):
+    """One path as it runs in the kept set: what :meth:`SparseTensorProduct.kept_instructions` lists."""
+
+    i_in1: int  #: index of its x1 irrep
+    i_in2: int  #: index of its x2 irrep
+    i_out: int  #: index of its output irrep
+    cg: torch.Tensor  #: ``(d1, d2, d_out)``: normalised Clebsch-Gordan tensor times the path's gate scale
+    w_start: int  #: its columns in the full weight layout
+    w_stop: int
+    w_shape: tuple[int, ...]  #: (mul1, mul2) uvu, (mul1, mul2, mul_out) uvw, (mul1,) uuu
 
 
 class _Group(NamedTuple):
@@ -99,6 +112,17 @@ def linear_columns(layer: nn.Linear, x: torch.Tensor, columns: torch.Tensor | No
         return layer(x)
     bias = None if layer.bias is None else layer.bias.index_select(0, columns)
     return nn.functional.linear(x, layer.weight.index_select(0, columns), bias)
+
+
+def use_backend(module: nn.Module, backend: str, method: str | None = None) -> int:
+    """:meth:`SparseTensorProduct.set_backend` on every sparse tensor product in ``module``; returns how many.
+
+    >>> use_backend(model, "cuequivariance")  # doctest: +SKIP
+    """
+    products = [m for m in module.modules() if isinstance(m, SparseTensorProduct)]
+    for product in products:
+        product.set_backend(backend, method)
+    return len(products)
 
 
 def n_kept(sparsity: float, n: int) -> int:
@@ -184,6 +208,8 @@ class SparseTensorProduct(nn.Module):
         self.register_buffer("phase_index", torch.tensor(0, dtype=torch.long))
         self.register_buffer("kept_mask", torch.ones(self.n_paths, dtype=torch.bool))
         self._phase = PHASES[0]
+        self._backend, self._backend_method = "torch", None
+        object.__setattr__(self, "_runner", None)  # not a submodule: no state_dict entries (see set_backend)
         self._store_kept(self._top_k() if self.sparsity > 0 else tuple(range(self.n_paths)))
 
     # ----------------------------------------------------------------------------------------------------
@@ -327,6 +353,7 @@ class SparseTensorProduct(nn.Module):
         self._kept_groups, index = self._compile(paths, self.kept_mask.device)
         self.register_buffer("_kept_index", index, persistent=False)
         self._freeze()
+        self._build_runner()
 
     @property
     def weight_columns(self) -> torch.Tensor | None:
@@ -359,6 +386,68 @@ class SparseTensorProduct(nn.Module):
         columns = [c for p in self._kept for c in range(self._paths[p].w_start, self._paths[p].w_stop)]
         index = torch.tensor(columns, dtype=torch.long, device=self.kept_mask.device)
         self.register_buffer("_weight_index", index, persistent=False)
+
+    def kept_instructions(self) -> list[KeptPath]:
+        """The kept paths in order, each with its normalised Clebsch-Gordan tensor times its current gate scale
+        (1 without a gate): what the product computes, apart from how (see :meth:`set_backend`)."""
+        with torch.no_grad():
+            scales = self._path_scales(self._kept_index[: len(self._kept)])
+        out = []
+        for j, p in enumerate(self._kept):
+            path = self._paths[p]
+            cg = getattr(self, f"_cg_{path.i_in1}")[:, path.j_start : path.j_stop, path.col_start : path.col_stop]
+            cg = cg if scales is None else cg * scales[j].detach()
+            out.append(KeptPath(path.i_in1, path.i_in2, path.i_out, cg, path.w_start, path.w_stop, path.w_shape))
+        return out
+
+    @property
+    def backend(self) -> str:
+        """Who evaluates the kept paths once they are fixed: ``"torch"`` (our contraction) or
+        ``"cuequivariance"``."""
+        return self._backend
+
+    @property
+    def runs_on(self) -> str:
+        """Who evaluates the kept paths now: :attr:`backend` once they are fixed, ``"torch"`` before."""
+        return "torch" if self._runner is None else self._backend
+
+    def set_backend(self, backend: str, method: str | None = None) -> None:
+        """Evaluate the kept paths with ``backend`` whenever they are fixed (fixed phase, or no gate at all).
+
+        ``"cuequivariance"`` runs them as one cuequivariance-torch segmented polynomial
+        (:mod:`metaham.nn.cue_backend`; ``method`` ``"naive"``, ``"uniform_1d"`` or ``"fused_tp"``, default
+        :func:`~metaham.nn.cue_backend.default_method` of the device), ``"torch"`` with our own contraction.
+        Set before the fixed phase, it takes effect when the phase is entered. The choice is not part of the
+        ``state_dict``: a checkpoint loads with either backend.
+        """
+        from . import cue_backend
+
+        if backend not in BACKENDS:
+            raise ValueError(f"tensor-product backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "cuequivariance":
+            if method is not None and method not in cue_backend.METHODS:
+                raise ValueError(f"cuequivariance method must be one of {cue_backend.METHODS}, got {method!r}")
+            if not cue_backend.available():
+                raise ImportError(
+                    "tensor-product backend 'cuequivariance' needs cuequivariance-torch: pip install "
+                    "cuequivariance-torch, or pip install 'metaham[cuda]' for its CUDA kernels as well"
+                )
+        self._backend, self._backend_method = backend, method
+        self._build_runner()
+
+    def _build_runner(self, device: torch.device | None = None) -> None:
+        runner = None
+        if self._backend == "cuequivariance" and (self.sparsity == 0 or self._frozen is not None):
+            from .cue_backend import CuePathContraction, default_method
+
+            device = self.kept_mask.device if device is None else device
+            runner = CuePathContraction(self, self._backend_method or default_method(device)).to(device)
+        object.__setattr__(self, "_runner", runner)
+
+    def _run_backend(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._runner.columns.device != x1.device:  # the product moved: the device's own default method
+            self._build_runner(x1.device)
+        return self._runner(x1, x2, weight.to(x1.dtype))
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -405,6 +494,8 @@ class SparseTensorProduct(nn.Module):
                 f"weight must have shape ({x1.shape[0]}, {self.weight_numel}) (full dense layout){compact}, got {got}"
             )
         paths = self._select_paths()
+        if paths is self._kept and self._runner is not None:
+            return self._run_backend(x1, x2, weight)
         if paths is self._kept and self._frozen is not None:
             flat = self._frozen_cg
             cgs = [flat[o : o + math.prod(shape)].view(shape) for o, shape in self._frozen]

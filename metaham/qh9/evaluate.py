@@ -31,6 +31,7 @@ from torch import Tensor
 from torch_geometric.data import Batch
 from torch_geometric.loader import DataLoader
 
+from metaham.nn import use_backend
 from metaham.train.checkpoint import atomic_write_bytes, load_checkpoint
 from metaham.train.distributed import (
     World, all_gather_objects, current_world, gather_objects, rank_bar_disabled, shard_slice,
@@ -220,9 +221,12 @@ def evaluate_checkpoint(
     keep_predictions: bool = False,
     progress: bool | None = True,
     trust_pickle: bool = False,
+    tp_backend: str = "torch",
 ) -> tuple[dict[str, Any], dict[int, np.ndarray]]:
     """QH9 metrics of a trained model on ``part`` of ``data`` (default: the training file), split as in training,
-    in batches of ``batch_size`` molecules (default: the run's ``train.eval_batch_size``).
+    in batches of ``batch_size`` molecules (default: the run's ``train.eval_batch_size``), the kept
+    tensor-product paths run by ``tp_backend`` (``"torch"`` or ``"cuequivariance"``, see
+    :func:`metaham.nn.use_backend`).
 
     Returns:
         ``(summary, predictions)``: :func:`~metaham.qh9.metrics.summarize`'s keys plus ``part``,
@@ -231,6 +235,12 @@ def evaluate_checkpoint(
     """
     device = torch.device(device)
     model, state = load_model(checkpoint, device)
+    use_backend(model, tp_backend)
+    if any(m.runs_on != tp_backend for m in model.sparsity.gates):
+        raise ValueError(
+            f"tensor-product backend {tp_backend!r} runs fixed kept paths, and this model is in the "
+            f"{model.sparsity.phase!r} phase: train it into the fixed phase first, or use the backend 'torch'"
+        )
     config = state["config"]
     data = config["data"]["file"] if data is None else data
     batch_size = batch_size or config["train"]["eval_batch_size"]
@@ -244,5 +254,5 @@ def evaluate_checkpoint(
         )
         scheme = split_scheme(file, config["data"])
     summary.update(part=part, split_by=scheme, data=str(data), phase=model.sparsity.phase, dense=model.dense,
-                   residual=model.residual)
+                   residual=model.residual, tp_backend=tp_backend)
     return summary, predictions

@@ -32,3 +32,15 @@ def test_eval_bench_times_both_routes_and_they_agree(capsys):
         assert result[f"eval_{route}_forward_s"] == chosen[f"{route}_forward_s"]
     assert "eval_speedup" in summary and "forward ms/mol" in summary and "1 molecule at a time" in summary
     assert "threads" in summary
+
+
+def test_eval_bench_with_the_cuequivariance_backend_agrees_with_qh9s_route(capsys):
+    pytest.importorskip("cuequivariance_torch")
+    argv = ["bench", "qh9", "--part", "eval", "--molecules", "1", "--conformers", "2", "--repeats", "1",
+            "--tp-backend", "cuequivariance", "--json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["eval_tp_backend"] == "cuequivariance"
+    assert result["eval_max_matrix_rel_diff"] < 0.05 and result["eval_max_energy_diff_ueh"] < 1.0
+    assert "run by cuequivariance" in "\n".join(out[:-1])

@@ -7,7 +7,7 @@ from e3nn import o3
 from torch_geometric.data import Batch
 
 from equivariance import pair_gate_margin, recorded_pair_gates
-from metaham.nn import SparsePairGate
+from metaham.nn import SparsePairGate, use_backend
 from metaham.qh9.basis import UnsupportedError, n_orbitals
 from metaham.qh9.dataset import molecule_data
 from metaham.qh9.head import BLOCK_IRREPS, OrbitalExpansion
@@ -166,3 +166,17 @@ def test_torch_compile_traces_the_model_and_matches_eager():
             for want, got in zip(model(*args), compiled(*args)):
                 assert got.shape == want.shape
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("phase", ["fixed", "dense"])
+def test_cuequivariance_backend_predicts_the_same_matrices(phase):
+    """Every tensor product of a fixed-phase (or dense) model run by cuequivariance-torch: the same matrices."""
+    pytest.importorskip("cuequivariance_torch")
+    model, batch = _model(phase), _batch()
+    with torch.no_grad():
+        ours = model.predict(batch)
+        assert use_backend(model, "cuequivariance") == len(model.sparsity.gates) > 0
+        assert {gate.runs_on for gate in model.sparsity.gates} == {"cuequivariance"}
+        theirs = model.predict(batch)
+    for a, b in zip(theirs, ours, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()))

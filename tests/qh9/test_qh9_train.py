@@ -100,6 +100,28 @@ def test_cli_train_then_eval_with_saved_predictions(water, tmp_path, capsys):
     assert saved["H_1"].shape == (24, 24) and np.allclose(saved["H_1"], saved["H_1"].T)
     assert "H uEh" in "\n".join(out[:-1])
 
+    # The cuequivariance backend runs fixed kept paths only: this model is still in its random phase.
+    assert main(["qh9", "eval", "--checkpoint", str(run), "--tp-backend", "cuequivariance", "--device", "cpu"]) == 2
+    assert "in the 'random' phase" in capsys.readouterr().err
+
+
+def test_eval_with_the_cuequivariance_backend_scores_the_same(water, tmp_path, capsys):
+    pytest.importorskip("cuequivariance_torch")
+    run = tmp_path / "run"
+    sets = [x for s in _sets({"train.epochs": 2}, random_steps=1, adaptive_steps=1) for x in ("--set", s)]
+    assert main(["qh9", "train", "--data", str(water), "--out", str(run), *sets]) == 0
+    scores = {}
+    for backend in ("torch", "cuequivariance"):
+        capsys.readouterr()
+        assert main(["qh9", "eval", "--checkpoint", str(run), "--split", "all", "--device", "cpu",
+                     "--tp-backend", backend, "--json"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        scores[backend] = json.loads(out[-1])
+    assert scores["cuequivariance"]["phase"] == "fixed" and scores["cuequivariance"]["tp_backend"] == "cuequivariance"
+    assert "tensor products run by cuequivariance" in "\n".join(out[:-1])
+    for key in ("h_mae_ueh", "eps_mae_ueh", "psi_cos_pct", "homo_mae_ueh"):
+        assert scores["cuequivariance"][key] == pytest.approx(scores["torch"][key], rel=1e-4), key
+
 
 def test_bad_config_and_reused_run_directory_exit_2(water, tmp_path, capsys):
     args = ["qh9", "train", "--data", str(water), "--out", str(tmp_path / "r")]
