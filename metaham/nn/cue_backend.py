@@ -51,8 +51,9 @@ def kept_polynomial(tp: "SparseTensorProduct"):
     for operand, irreps in ((1, tp.irreps_in1), (2, tp.irreps_in2), (3, tp.irreps_out)):
         for mul, ir in irreps:
             d.add_segment(operand, (mul, ir.dim))
+    weight_modes = SUBSCRIPTS[tp.mode].split(",")[0]
     for path in tp.kept_instructions():
-        dims = dict(zip({"uvu": "uv", "uvw": "uvw", "uuu": "u"}[tp.mode], path.w_shape))
+        dims = dict(zip(weight_modes, path.w_shape))
         # None: a new weight segment per path, so the weight operand is the compact layout, path after path.
         d.add_path(None, path.i_in1, path.i_in2, path.i_out, c=path.cg.double().cpu().numpy(), dims=dims)
     return cue.SegmentedPolynomial.eval_last_operand(d)
@@ -68,7 +69,7 @@ class CuePathContraction(nn.Module):
     rebuilds it whenever its kept set is set anew (e.g. by loading a checkpoint).
     """
 
-    def __init__(self, tp: "SparseTensorProduct", method: str = "naive") -> None:
+    def __init__(self, tp: "SparseTensorProduct", method: str = "naive", dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"cuequivariance method must be one of {METHODS}, got {method!r}")
@@ -79,11 +80,13 @@ class CuePathContraction(nn.Module):
             )
         import cuequivariance_torch as cuet
 
-        self.method = method
+        self.method, self.dtype = method, dtype
         self.full_width = tp.weight_numel
         columns = [c for path in tp.kept_instructions() for c in range(path.w_start, path.w_stop)]
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
-        self.polynomial = cuet.SegmentedPolynomial(kept_polynomial(tp), method=method)
+        # The kernels compute in math_dtype (fused_tp would fall back to float32): the product's own dtype.
+        math_dtype = None if method == "naive" else dtype
+        self.polynomial = cuet.SegmentedPolynomial(kept_polynomial(tp), method=method, math_dtype=math_dtype)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the product's full layout (``weight_numel`` columns) or compact (the kept columns)."""
@@ -94,4 +97,4 @@ class CuePathContraction(nn.Module):
         return self.polynomial([weight, x1, x2])[0]
 
     def extra_repr(self) -> str:
-        return f"method={self.method}, {len(self.columns)} of {self.full_width} weight columns"
+        return f"method={self.method}, {self.dtype}, {len(self.columns)} of {self.full_width} weight columns"

@@ -37,7 +37,7 @@ class PairInvariants(nn.Module):
     For every block ``mul x ir`` of ``irreps``: for ``0e`` the mean of the two endpoints' scalars; for every
     other irrep the per-channel inner product ``<x_i[u], x_j[u]> / (2l + 1)`` (invariant, even parity).
     Computed as ``(x_i * x_j) @ P + (x_i + x_j) @ S`` with constant matrices ``P``, ``S``: a fixed number of
-    passes over the pairs whatever the number of blocks.
+    passes over the pairs whatever the number of blocks (``x S`` is taken per node, before the gather).
 
     ``forward(x (N, irreps.dim), edge_index (2, E)) -> (E, n_invariants)``, ``n_invariants`` = the total
     multiplicity of ``irreps`` (one number per channel).
@@ -66,7 +66,11 @@ class PairInvariants(nn.Module):
         if x.shape[-1] != self.products.shape[0]:
             raise ValueError(f"x must have last dimension {self.irreps.dim} for {self.irreps}, got {tuple(x.shape)}")
         src, dst = x.index_select(0, edge_index[0]), x.index_select(0, edge_index[1])
-        return (src * dst) @ self.products.to(x.dtype) + (src + dst) @ self.sums.to(x.dtype)
+        # The scalar half (x_i + x_j) S = x_i S + x_j S (bit for bit: S holds 0.5 and zeros) per node, then
+        # gathered: a product over the nodes and two narrow gathers instead of a full-width sum over the pairs.
+        half = x @ self.sums.to(x.dtype)
+        half_sum = half.index_select(0, edge_index[0]) + half.index_select(0, edge_index[1])
+        return (src * dst) @ self.products.to(x.dtype) + half_sum
 
     def extra_repr(self) -> str:
         return f"{self.irreps} -> {self.n_invariants}x0e"
@@ -91,9 +95,10 @@ class SparsePairGate(nn.Module):
             pairs; False: one quantile over all pairs of the batch.
         keep_radius: pairs shorter than this are exempt (0: none); ``forward`` then needs their lengths.
 
-    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, length (E,) or None)
-    -> PairSelection``; ``batch`` maps nodes to graphs (PyG convention; None: one graph). A pair belongs to
-    its source node's graph. Pairs shorter than ``keep_radius`` are kept ungated and take no part in the
+    ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, length (E,) or None,
+    invariants (E, n_invariants) or None) -> PairSelection``; ``batch`` maps nodes to graphs (PyG convention;
+    None: one graph); ``invariants``: ``self.invariants(x, edge_index)`` when the caller has computed them
+    already (they are not computed twice). A pair belongs to its source node's graph. Pairs shorter than ``keep_radius`` are kept ungated and take no part in the
     quantile (their ``threshold`` entry is ``-inf``).
     """
 
@@ -115,10 +120,18 @@ class SparsePairGate(nn.Module):
         edge_index: torch.Tensor,
         batch: torch.Tensor | None = None,
         length: torch.Tensor | None = None,
+        invariants: torch.Tensor | None = None,
     ) -> PairSelection:
         # One invariant row and one score per unordered pair, shared by its two directions (see the module doc).
         pair, first = _unordered_pairs(edge_index, x.shape[0])
-        invariants = self.invariants(x, edge_index.index_select(1, first))
+        if invariants is None:
+            invariants = self.invariants(x, edge_index.index_select(1, first))
+        elif invariants.shape != (edge_index.shape[1], self.n_invariants):
+            raise ValueError(
+                f"invariants must have shape ({edge_index.shape[1]}, {self.n_invariants}), got {tuple(invariants.shape)}"
+            )
+        else:  # the caller's rows (one per column of edge_index), e.g. a head that also reads them itself
+            invariants = invariants.index_select(0, first)
         score = self.scorer(invariants).squeeze(-1).index_select(0, pair)
         if batch is None or not self.per_graph:
             graph = torch.zeros_like(edge_index[0])

@@ -435,18 +435,23 @@ class SparseTensorProduct(nn.Module):
         self._backend, self._backend_method = backend, method
         self._build_runner()
 
-    def _build_runner(self, device: torch.device | None = None) -> None:
+    def _build_runner(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         runner = None
         if self._backend == "cuequivariance" and (self.sparsity == 0 or self._frozen is not None):
             from .cue_backend import CuePathContraction, default_method
 
             device = self.kept_mask.device if device is None else device
-            runner = CuePathContraction(self, self._backend_method or default_method(device)).to(device)
+            dtype = self._cg_dtype() if dtype is None else dtype
+            method = self._backend_method or default_method(device)
+            runner = CuePathContraction(self, method, dtype).to(device)
         object.__setattr__(self, "_runner", runner)
 
+    def _cg_dtype(self) -> torch.dtype:
+        return next(b for name, b in self.named_buffers() if name.startswith("_cg_")).dtype
+
     def _run_backend(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self._runner.columns.device != x1.device:  # the product moved: the device's own default method
-            self._build_runner(x1.device)
+        if (self._runner.columns.device, self._runner.dtype) != (x1.device, x1.dtype):
+            self._build_runner(x1.device, x1.dtype)  # moved or cast since: that device's default method, that dtype
         return self._runner(x1, x2, weight.to(x1.dtype))
 
     def _load_from_state_dict(

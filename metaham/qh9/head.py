@@ -239,7 +239,7 @@ class BlockHead(nn.Module):
         if self.pair_gate is None:
             kept, kept_invariants = None, invariants
         else:
-            selection = self.pair_gate(projected, pairs, batch, length)
+            selection = self.pair_gate(projected, pairs, batch, length, invariants)
             kept, kept_invariants = selection.index, selection.invariants
             common, i, j = common.index_select(0, kept), i.index_select(0, kept), j.index_select(0, kept)
         hidden = self.pair_tp_weights[:-1](torch.cat([common, kept_invariants], -1))

@@ -122,3 +122,15 @@ def test_bad_backend_or_method_names_it_and_a_missing_library_says_what_to_insta
 def test_default_method_is_naive_on_cpu_and_fused_on_cuda():
     assert cue_backend.default_method("cpu") == "naive"
     assert cue_backend.default_method("cuda:0") == "fused_tp"
+
+
+def test_a_product_cast_after_choosing_the_backend_computes_in_its_new_dtype():
+    with default_dtype(torch.float32):
+        tp = SparseTensorProduct(*CASES["uuu"][1:], mode="uuu")
+    tp.set_backend("cuequivariance")
+    tp = tp.double()
+    x1, x2, w = _inputs(tp)
+    theirs = tp(x1, x2, w)
+    tp.set_backend("torch")
+    assert theirs.dtype == torch.float64
+    torch.testing.assert_close(theirs, tp(x1, x2, w), rtol=1e-12, atol=1e-12)

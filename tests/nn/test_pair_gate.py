@@ -43,6 +43,18 @@ def test_pair_invariants_are_means_of_scalars_and_channel_inner_products():
     inv = PairInvariants(irreps)
     assert inv.n_invariants == 12
     torch.testing.assert_close(inv(x, edge_index), _invariants_by_hand(irreps, x, edge_index))
+    assert torch.equal(inv(x, edge_index.flip(0)), inv(x, edge_index))  # symmetric bit for bit
+
+
+def test_a_gate_given_the_invariants_selects_what_it_computes_itself():
+    x, _, edge_index, batch = _batch()
+    gate = SparsePairGate(FEAT, 0.5)
+    own = gate(x, edge_index, batch)
+    given = gate(x, edge_index, batch, invariants=gate.invariants(x, edge_index))
+    assert torch.equal(given.index, own.index)
+    torch.testing.assert_close(given.invariants, own.invariants)
+    with pytest.raises(ValueError, match="invariants must have shape"):
+        gate(x, edge_index, batch, invariants=gate.invariants(x, edge_index)[1:])
 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.7])
