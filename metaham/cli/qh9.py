@@ -454,9 +454,10 @@ def _eval(args: argparse.Namespace) -> int:
     ]]
     header = ["model", "n", "H uEh", "H diag", "H off", "eps uEh", "psi %", "HOMO", "LUMO", "gap"]
     ranks = f" on {world.size} ranks" if world.distributed else ""
+    backend = f"; tensor products run by {s['tp_backend']} ({s['tp_method']})" if s["tp_backend"] != "torch" else ""
     text = (
         f"{s['data']}: {s['part']} part of the {s['split_by']} split{ranks}; errors in micro-Hartree, orbital "
-        f"cosine in %{'; tensor products run by ' + s['tp_backend'] if s['tp_backend'] != 'torch' else ''}\n"
+        f"cosine in %{backend}\n"
         + table(rows, header)
         + (f"\npredictions written to {args.save_predictions}" if args.save_predictions else "")
         + (f"\n{scf_report(scf_summary)}" if args.scf else "")

@@ -80,13 +80,15 @@ class CuePathContraction(nn.Module):
             )
         import cuequivariance_torch as cuet
 
-        self.method, self.dtype = method, dtype
+        self.dtype = dtype
         self.full_width = tp.weight_numel
         columns = [c for path in tp.kept_instructions() for c in range(path.w_start, path.w_stop)]
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         # The kernels compute in math_dtype (fused_tp would fall back to float32): the product's own dtype.
         math_dtype = None if method == "naive" else dtype
         self.polynomial = cuet.SegmentedPolynomial(kept_polynomial(tp), method=method, math_dtype=math_dtype)
+        # What runs: without NVIDIA's kernels (cuequivariance-ops-torch-cu12) the library falls back to "naive".
+        self.method = self.polynomial.method
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``weight`` in the product's full layout (``weight_numel`` columns) or compact (the kept columns)."""

@@ -411,6 +411,11 @@ class SparseTensorProduct(nn.Module):
         """Who evaluates the kept paths now: :attr:`backend` once they are fixed, ``"torch"`` before."""
         return "torch" if self._runner is None else self._backend
 
+    @property
+    def backend_method(self) -> str | None:
+        """The method the backend runs the kept paths with now (e.g. ``"fused_tp"``), None on ours."""
+        return None if self._runner is None else self._runner.method
+
     def set_backend(self, backend: str, method: str | None = None) -> None:
         """Evaluate the kept paths with ``backend`` whenever they are fixed (fixed phase, or no gate at all).
 

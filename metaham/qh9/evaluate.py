@@ -254,5 +254,6 @@ def evaluate_checkpoint(
         )
         scheme = split_scheme(file, config["data"])
     summary.update(part=part, split_by=scheme, data=str(data), phase=model.sparsity.phase, dense=model.dense,
-                   residual=model.residual, tp_backend=tp_backend)
+                   residual=model.residual, tp_backend=tp_backend,
+                   tp_method=next((m.backend_method for m in model.sparsity.gates), None))
     return summary, predictions

@@ -118,7 +118,8 @@ def test_eval_with_the_cuequivariance_backend_scores_the_same(water, tmp_path, c
         out = capsys.readouterr().out.strip().splitlines()
         scores[backend] = json.loads(out[-1])
     assert scores["cuequivariance"]["phase"] == "fixed" and scores["cuequivariance"]["tp_backend"] == "cuequivariance"
-    assert "tensor products run by cuequivariance" in "\n".join(out[:-1])
+    assert scores["cuequivariance"]["tp_method"] == "naive" and scores["torch"]["tp_method"] is None
+    assert "tensor products run by cuequivariance (naive)" in "\n".join(out[:-1])
     for key in ("h_mae_ueh", "eps_mae_ueh", "psi_cos_pct", "homo_mae_ueh"):
         assert scores["cuequivariance"][key] == pytest.approx(scores["torch"][key], rel=1e-4), key
 
