@@ -171,7 +171,8 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
         reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
-        use_backend(model, args.tp_backend)  # ours only, as --compile
+        with _backend_errors(args.tp_backend):
+            use_backend(model, args.tp_backend)  # ours only, as --compile
         if args.compile:  # ours only: QH9's route is timed as QH9 runs it
             model.compile(dynamic=True, backend=args.compile)
 
@@ -301,6 +302,17 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     return summary, result
 
 
+@contextlib.contextmanager
+def _backend_errors(backend: str):
+    """A tensor-product backend that cannot run these products (a CUDA kernel refusing a shape) is a usage error."""
+    from metaham.errors import UsageError
+
+    try:
+        yield
+    except NotImplementedError as exc:
+        raise UsageError(f"--tp-backend {backend}: {exc}") from None
+
+
 def _with_threads(threads: int, fn):
     """``fn`` run under :func:`metaham.bench.torch_threads` ``(threads)``."""
     from metaham.bench import torch_threads
@@ -362,9 +374,10 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
         for row, Z, pos, H_true, _ in g2_inputs(args.train_molecules, 1)
     ]
     batch = Batch.from_data_list(molecules)
-    result = time_training_steps(
-        batch, device, args.train_repeats, model_options, compile=args.compile, tp_backend=args.tp_backend
-    )
+    with _backend_errors(args.tp_backend):
+        result = time_training_steps(
+            batch, device, args.train_repeats, model_options, compile=args.compile, tp_backend=args.tp_backend
+        )
     speedup, met = result["train_speedup"], result["train_target_met"]
     compiled = result["train_compile_backend"]
 

@@ -12,6 +12,9 @@ device the inputs live on). Three comparisons:
   graphs of 12-26 nodes (QH9-sized molecules, 2904 pairs) with a :class:`SparsePairGate` at ``--sparsity`` vs
   the same block without it. Also timed: the block without a gate given only the pairs the gate keeps --
   the bound no pair gate can beat, set by the per-node work that does not shrink with the pairs.
+
+``--backend cuequivariance`` also times the same dense and fixed-phase products with their kept paths run by
+cuequivariance-torch (:mod:`metaham.nn.cue_backend`); ``--device cuda`` times everything on a GPU.
 """
 from __future__ import annotations
 
@@ -199,8 +202,11 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     device = resolve_device(args.device)
     with torch_threads(args.threads):
         generator = torch.Generator().manual_seed(args.seed)
-        l2 = _time_tensor_products(2, args, generator, device)
-        l4 = _time_tensor_products(4, args, generator, device)
+        try:
+            l2 = _time_tensor_products(2, args, generator, device)
+            l4 = _time_tensor_products(4, args, generator, device)
+        except NotImplementedError as exc:  # a cuequivariance kernel that does not take these products
+            raise UsageError(f"--backend {args.backend}: {exc}") from None
         pair = _time_pair_gate(args, generator, device)
 
     result = {

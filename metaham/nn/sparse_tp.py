@@ -437,8 +437,14 @@ class SparseTensorProduct(nn.Module):
                     "tensor-product backend 'cuequivariance' needs cuequivariance-torch: pip install "
                     "cuequivariance-torch, or pip install 'metaham[cuda]' for its CUDA kernels as well"
                 )
+        previous = self._backend, self._backend_method
         self._backend, self._backend_method = backend, method
-        self._build_runner()
+        try:
+            self._build_runner()
+        except Exception:  # e.g. a CUDA kernel that does not take this product: keep the backend that worked
+            self._backend, self._backend_method = previous
+            self._build_runner()
+            raise
 
     def _build_runner(self, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         runner = None

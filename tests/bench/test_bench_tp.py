@@ -30,3 +30,15 @@ def test_bench_tp_without_the_backend_reports_no_cue_keys_and_a_missing_library_
     monkeypatch.setattr(cue_backend, "available", lambda: False)
     assert main([*SMALL, "--backend", "cuequivariance"]) == 2
     assert "pip install cuequivariance-torch" in capsys.readouterr().err
+
+
+def test_a_kernel_that_refuses_the_products_is_one_line_exit_2(capsys, monkeypatch):
+    pytest.importorskip("cuequivariance_torch")
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Fused TP does not support this product")
+
+    monkeypatch.setattr(cue_backend, "CuePathContraction", refuse)
+    assert main([*SMALL, "--backend", "cuequivariance"]) == 2
+    err = capsys.readouterr().err
+    assert "--backend cuequivariance: Fused TP does not support" in err and "Traceback" not in err

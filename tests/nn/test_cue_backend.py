@@ -44,7 +44,7 @@ def _inputs(tp: SparseTensorProduct, n: int = 17, compact: bool = False):
 def _value_and_grads(tp, x1, x2, w):
     out = tp(x1, x2, w)
     leaves = [t for t in (x1, x2, w, getattr(tp, "weight", None)) if t is not None]
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=out.dtype).to(out.device)
     return out, torch.autograd.grad((out * cotangent).sum(), leaves)
 
 
@@ -134,3 +134,43 @@ def test_a_product_cast_after_choosing_the_backend_computes_in_its_new_dtype():
     tp.set_backend("torch")
     assert theirs.dtype == torch.float64
     torch.testing.assert_close(theirs, tp(x1, x2, w), rtol=1e-12, atol=1e-12)
+
+
+CUDA_METHODS = ["naive", "fused_tp", "uniform_1d"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", CUDA_METHODS)
+@pytest.mark.parametrize("case", ["uvu, spherical harmonics", "uuu"])
+def test_on_cuda_each_method_matches_our_contraction(case, method):
+    """On a GPU: NVIDIA's kernels (``pip install 'metaham[cuda]'``) against our contraction, float32 and float64."""
+    if method != "naive":
+        pytest.importorskip("cuequivariance_ops_torch")
+    for dtype, tolerance in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        tp = _product(case, 0.6).to("cuda", dtype)
+        x1, x2, w = (t.detach().to("cuda", dtype).requires_grad_() for t in _inputs(tp))
+        ours, our_grads = _value_and_grads(tp, x1, x2, w)
+        try:
+            tp.set_backend("cuequivariance", method)
+            theirs, their_grads = _value_and_grads(tp, x1, x2, w)
+        except NotImplementedError as exc:  # a kernel that does not take this product's shape: say which
+            pytest.skip(f"{method}: {exc}")
+        assert tp.backend_method == method
+        scale = float(ours.abs().max())
+        torch.testing.assert_close(theirs, ours, rtol=0, atol=tolerance * scale)
+        for a, b in zip(their_grads, our_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=tolerance * float(b.abs().max()))
+
+
+def test_a_backend_that_cannot_be_built_leaves_the_product_as_it_was(monkeypatch):
+    tp = _product("uvu, spherical harmonics", 0.6)
+    x1, x2, w = _inputs(tp)
+    before = tp(x1, x2, w)
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("this kernel does not take that product")
+
+    monkeypatch.setattr(cue_backend, "CuePathContraction", refuse)
+    with pytest.raises(NotImplementedError):
+        tp.set_backend("cuequivariance")
+    assert tp.backend == "torch" and tp.runs_on == "torch" and torch.equal(tp(x1, x2, w), before)
