@@ -111,13 +111,10 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     device = resolve_device(args.device)
     config = _config(args)
     if args.tp_backend == "cuequivariance":
-        from metaham.errors import UsageError
         from metaham.nn import cue_backend
 
-        if not cue_backend.available():
-            raise UsageError(
-                "--tp-backend cuequivariance: cuequivariance-torch is not installed (pip install cuequivariance-torch)"
-            )
+        with _backend_errors(args.tp_backend):  # before the data is made: say what to install at once
+            cue_backend.require()
     summaries, result = [], {"device": str(device), "config": args.config, "overrides": list(args.overrides)}
     if args.part in ("eval", "all"):
         summary, part = _eval_speedup(args, config, device)
@@ -304,12 +301,13 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
 
 @contextlib.contextmanager
 def _backend_errors(backend: str):
-    """A tensor-product backend that cannot run these products (a CUDA kernel refusing a shape) is a usage error."""
+    """A tensor-product backend that is not installed, or cannot run these products (a CUDA kernel refusing a
+    shape), is a usage error."""
     from metaham.errors import UsageError
 
     try:
         yield
-    except NotImplementedError as exc:
+    except (ImportError, NotImplementedError) as exc:
         raise UsageError(f"--tp-backend {backend}: {exc}") from None
 
 

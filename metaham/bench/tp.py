@@ -197,8 +197,11 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         check_sparsity(args.sparsity, "--sparsity")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if args.backend == "cuequivariance" and not cue_backend.available():
-        raise UsageError("--backend cuequivariance: cuequivariance-torch is not installed (pip install cuequivariance-torch)")
+    try:
+        if args.backend == "cuequivariance":
+            cue_backend.require()
+    except ImportError as exc:
+        raise UsageError(f"--backend {args.backend}: {exc}") from None
     device = resolve_device(args.device)
     with torch_threads(args.threads):
         generator = torch.Generator().manual_seed(args.seed)

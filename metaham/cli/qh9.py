@@ -429,8 +429,9 @@ def _eval(args: argparse.Namespace) -> int:
                 keep_predictions=bool(args.save_predictions) or args.scf, trust_pickle=args.trust_pickle,
                 progress=progress_setting(args), tp_backend=args.tp_backend,
             )
-    # ImportError: --tp-backend without its library; NotImplementedError: a CUDA kernel refusing a product
-    except (ConfigError, ValueError, ImportError, NotImplementedError) as exc:  # ValueError also: a bad METAHAM_DIST_TIMEOUT
+    # ValueError also: a bad METAHAM_DIST_TIMEOUT; ImportError: --tp-backend without its library;
+    # NotImplementedError: a CUDA kernel refusing a product
+    except (ConfigError, ValueError, ImportError, NotImplementedError) as exc:
         raise UsageError(str(exc)) from exc
     if not world.is_main:
         return 0

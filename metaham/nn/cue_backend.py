@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .sparse_tp import SparseTensorProduct
+    from .sparse_tp import KeptPath, SparseTensorProduct
 
 # Operand subscripts of one path for each connection mode (weights, x1, x2, output; "+ijk" the CG tensor):
 # e3nn's mul_ir layout, every block stored (multiplicity, 2l + 1).
@@ -38,13 +38,23 @@ def available() -> bool:
     return importlib.util.find_spec("cuequivariance_torch") is not None
 
 
+def require() -> None:
+    """:class:`ImportError` saying what to install, unless :func:`available`."""
+    if not available():
+        raise ImportError(
+            "the cuequivariance backend needs cuequivariance-torch: pip install cuequivariance-torch (CPU and GPU), "
+            "or pip install 'metaham[cuda]' for NVIDIA's CUDA kernels as well"
+        )
+
+
 def default_method(device: torch.device | str) -> str:
     """``"fused_tp"`` on CUDA (NVIDIA's kernel for 3- and 4-operand products), ``"naive"`` elsewhere."""
     return "fused_tp" if torch.device(device).type == "cuda" else "naive"
 
 
-def kept_polynomial(tp: "SparseTensorProduct"):
-    """The kept paths of ``tp`` as a ``cue.SegmentedPolynomial``: inputs (compact weights, x1, x2), output out."""
+def kept_polynomial(tp: "SparseTensorProduct", paths: "list[KeptPath] | None" = None):
+    """The kept paths of ``tp`` (``paths``: its :meth:`~metaham.nn.sparse_tp.SparseTensorProduct.kept_instructions`,
+    taken when not given) as a ``cue.SegmentedPolynomial``: inputs (compact weights, x1, x2), output out."""
     import cuequivariance as cue
 
     d = cue.SegmentedTensorProduct.from_subscripts(SUBSCRIPTS[tp.mode])
@@ -52,7 +62,7 @@ def kept_polynomial(tp: "SparseTensorProduct"):
         for mul, ir in irreps:
             d.add_segment(operand, (mul, ir.dim))
     weight_modes = SUBSCRIPTS[tp.mode].split(",")[0]
-    for path in tp.kept_instructions():
+    for path in tp.kept_instructions() if paths is None else paths:
         dims = dict(zip(weight_modes, path.w_shape))
         # None: a new weight segment per path, so the weight operand is the compact layout, path after path.
         d.add_path(None, path.i_in1, path.i_in2, path.i_out, c=path.cg.double().cpu().numpy(), dims=dims)
@@ -73,20 +83,17 @@ class CuePathContraction(nn.Module):
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"cuequivariance method must be one of {METHODS}, got {method!r}")
-        if not available():
-            raise ImportError(
-                "the cuequivariance backend needs cuequivariance-torch: pip install cuequivariance-torch "
-                "(CPU and GPU), or pip install 'metaham[cuda]' for NVIDIA's CUDA kernels as well"
-            )
+        require()
         import cuequivariance_torch as cuet
 
         self.dtype = dtype
         self.full_width = tp.weight_numel
-        columns = [c for path in tp.kept_instructions() for c in range(path.w_start, path.w_stop)]
+        paths = tp.kept_instructions()
+        columns = [c for path in paths for c in range(path.w_start, path.w_stop)]
         self.register_buffer("columns", torch.tensor(columns, dtype=torch.long), persistent=False)
         # The kernels compute in math_dtype (fused_tp would fall back to float32): the product's own dtype.
         math_dtype = None if method == "naive" else dtype
-        self.polynomial = cuet.SegmentedPolynomial(kept_polynomial(tp), method=method, math_dtype=math_dtype)
+        self.polynomial = cuet.SegmentedPolynomial(kept_polynomial(tp, paths), method=method, math_dtype=math_dtype)
         # What runs: without NVIDIA's kernels (cuequivariance-ops-torch-cu12) the library falls back to "naive".
         self.method = self.polynomial.method
 

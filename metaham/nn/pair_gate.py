@@ -98,8 +98,8 @@ class SparsePairGate(nn.Module):
     ``forward(x (N, irreps_node.dim), edge_index (2, E), batch (N,) or None, length (E,) or None,
     invariants (E, n_invariants) or None) -> PairSelection``; ``batch`` maps nodes to graphs (PyG convention;
     None: one graph); ``invariants``: ``self.invariants(x, edge_index)`` when the caller has computed them
-    already (they are not computed twice). A pair belongs to its source node's graph. Pairs shorter than ``keep_radius`` are kept ungated and take no part in the
-    quantile (their ``threshold`` entry is ``-inf``).
+    already (they are not computed twice). A pair belongs to its source node's graph. Pairs shorter than
+    ``keep_radius`` are kept ungated and take no part in the quantile (their ``threshold`` entry is ``-inf``).
     """
 
     def __init__(
@@ -128,7 +128,8 @@ class SparsePairGate(nn.Module):
             invariants = self.invariants(x, edge_index.index_select(1, first))
         elif invariants.shape != (edge_index.shape[1], self.n_invariants):
             raise ValueError(
-                f"invariants must have shape ({edge_index.shape[1]}, {self.n_invariants}), got {tuple(invariants.shape)}"
+                f"invariants must have shape ({edge_index.shape[1]}, {self.n_invariants}), "
+                f"got {tuple(invariants.shape)}"
             )
         else:  # the caller's rows (one per column of edge_index), e.g. a head that also reads them itself
             invariants = invariants.index_select(0, first)

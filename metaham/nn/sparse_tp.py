@@ -432,11 +432,7 @@ class SparseTensorProduct(nn.Module):
         if backend == "cuequivariance":
             if method is not None and method not in cue_backend.METHODS:
                 raise ValueError(f"cuequivariance method must be one of {cue_backend.METHODS}, got {method!r}")
-            if not cue_backend.available():
-                raise ImportError(
-                    "tensor-product backend 'cuequivariance' needs cuequivariance-torch: pip install "
-                    "cuequivariance-torch, or pip install 'metaham[cuda]' for its CUDA kernels as well"
-                )
+            cue_backend.require()
         previous = self._backend, self._backend_method
         self._backend, self._backend_method = backend, method
         try:
