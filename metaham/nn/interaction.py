@@ -8,6 +8,7 @@ from e3nn import o3
 from torch import nn
 
 from .gate import GatedNonlinearity
+from .layout import blocks, mul_ir_from_ir_mul
 from .linear import EquivariantLinear
 from .norm import EquivariantLayerNorm
 from .pair_gate import PairInvariants, SparsePairGate, check_keep_radius
@@ -24,7 +25,8 @@ class InteractionBlock(nn.Module):
     * message ``m_e = TP(Linear(x)_j, Y(r_e), w_e)``, a ``"uvu"`` :class:`SparseTensorProduct` of the source's
       features with the spherical harmonics of the edge vector, weighted per edge by
       ``w_e = MLP([Bessel(|r_e|), pair invariants_e]) * cutoff(|r_e|)`` (weights vanish smoothly at the cutoff);
-    * aggregate ``a_i = sum_e m_e / sqrt(avg_num_neighbors)`` over the pairs that end at i;
+    * aggregate ``a_i = sum_e m_e / sqrt(avg_num_neighbors)`` over the pairs that end at i (the messages are
+      computed and summed component-major, ``ir_mul``, and only the per-node sums are put in e3nn's order);
     * update ``y_i = Gate(Linear([a_i, x_i]))`` (+ ``x_i`` when ``irreps_in == irreps_out``), then an
       :class:`EquivariantLayerNorm`.
 
@@ -92,8 +94,9 @@ class InteractionBlock(nn.Module):
         irreps_mid, instructions = _message_irreps(self.irreps_in, self.irreps_sh, self.gate.irreps_in)
         self.tp = SparseTensorProduct(
             self.irreps_in, self.irreps_sh, irreps_mid, mode="uvu", sparsity=tp_sparsity, instructions=instructions,
-            per_output=tp_per_output,
+            per_output=tp_per_output, out_layout="ir_mul",
         )
+        self._mid_blocks = blocks(irreps_mid)
         self.radial = BesselBasis(num_basis, cutoff)
         if int(pair_channels) != pair_channels or pair_channels < 1:
             raise ValueError(f"pair_channels must be an integer >= 1, got {pair_channels!r}")
@@ -138,7 +141,9 @@ class InteractionBlock(nn.Module):
         edge_weight = edge_weight * (polynomial_cutoff(length, self.cutoff) * self.norm_factor).unsqueeze(-1)
         sh = spherical_harmonics(self.lmax_sh, edge_vec, self.sh_axes)
         messages = self.tp(features.index_select(0, edge_index[0]), sh, edge_weight)
+        # Messages come component-major (ir_mul, the product's fast layout): summed per node, then converted.
         aggregated = messages.new_zeros(x.shape[0], messages.shape[1]).index_add(0, edge_index[1], messages)
+        aggregated = mul_ir_from_ir_mul(aggregated, self._mid_blocks)
         out = self.gate(self.update(torch.cat([aggregated, x], dim=-1)))
         if self.residual:
             out = out + x

@@ -1,4 +1,4 @@
-"""The blocks of an irreps as plain integers, for forward passes to read.
+"""The blocks of an irreps as plain integers, for forward passes to read, and the two layouts of a feature row.
 
 A forward pass that iterates an ``o3.Irreps`` reads e3nn ``Irrep`` objects. ``torch.compile`` cannot guard on
 them (``Irrep.__len__`` raises in e3nn 0.6, so tracing stops with ``NotImplementedError``), and every
@@ -12,9 +12,12 @@ Example::
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+import torch
 from e3nn import o3
+
+LAYOUTS = ("mul_ir", "ir_mul")
 
 
 class Block(NamedTuple):
@@ -34,3 +37,23 @@ class Block(NamedTuple):
 def blocks(irreps: o3.Irreps | str) -> tuple[Block, ...]:
     """``irreps``' blocks, in order, as :class:`Block` tuples of ints."""
     return tuple(Block(int(mul), int(ir.l), int(ir.p), int(ir.dim)) for mul, ir in o3.Irreps(irreps))
+
+
+def mul_ir_from_ir_mul(x: torch.Tensor, layout: Sequence[Block]) -> torch.Tensor:
+    """``(N, dim)`` rows with every block stored ``ir_mul`` (component-major: ``2l + 1`` runs of ``mul``
+    channels) -> the same rows in e3nn's ``mul_ir`` (``mul`` copies of ``2l + 1`` components).
+
+    ``ir_mul`` is how a row-wise product multiplies a per-channel factor into a block over whole contiguous
+    rows of channels, several times faster on a CPU than over trailing runs of ``2l + 1`` components; the
+    conversion is then paid once, e.g. per node after a sum over edges instead of per edge.
+    """
+    n = x.shape[0]
+    pieces = x.split([b.mul * b.dim for b in layout], -1)
+    return torch.cat([p.reshape(n, b.dim, b.mul).transpose(1, 2).reshape(n, -1) for p, b in zip(pieces, layout)], -1)
+
+
+def ir_mul_from_mul_ir(x: torch.Tensor, layout: Sequence[Block]) -> torch.Tensor:
+    """The inverse of :func:`mul_ir_from_ir_mul`."""
+    n = x.shape[0]
+    pieces = x.split([b.mul * b.dim for b in layout], -1)
+    return torch.cat([p.reshape(n, b.mul, b.dim).transpose(1, 2).reshape(n, -1) for p, b in zip(pieces, layout)], -1)

@@ -51,7 +51,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .layout import blocks
+from .layout import LAYOUTS, blocks, ir_mul_from_mul_ir
 
 PHASES = ("random", "adaptive", "fixed")
 MODES = ("uvu", "uvw", "uuu")
@@ -145,6 +145,12 @@ class SparseTensorProduct(nn.Module):
         instructions: paths as ``(i_in1, i_in2, i_out)`` index triples; default: every triple allowed by the
             selection rules and by ``mode``'s multiplicity constraint.
         per_output: select paths per output irrep (each keeps at least one path) instead of over all paths.
+        out_layout: ``"mul_ir"`` (e3nn's: each output block ``mul`` copies of ``2l + 1`` components) or
+            ``"ir_mul"`` (component-major: ``2l + 1`` runs of ``mul`` channels; convert with
+            :func:`~metaham.nn.layout.mul_ir_from_ir_mul`). The inputs are always ``mul_ir``. In ``"uvu"``
+            mode against one copy of each x2 irrep (spherical harmonics) ``"ir_mul"`` is the product's own
+            order, forward and backward (per-edge weights scale whole rows of channels): a caller that sums
+            the rows first, as a message-passing layer does over edges, converts only the sums.
 
     Shapes: ``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` ->
     ``(N, irreps_out.dim)``. External weights always use the FULL (dense) layout, path after path in
@@ -162,10 +168,14 @@ class SparseTensorProduct(nn.Module):
         internal_weights: bool = False,
         instructions: Sequence[tuple[int, int, int]] | None = None,
         per_output: bool = False,
+        out_layout: str = "mul_ir",
     ) -> None:
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if out_layout not in LAYOUTS:
+            raise ValueError(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
+        self.out_layout = out_layout
         self.irreps_in1 = o3.Irreps(irreps_in1)
         self.irreps_in2 = o3.Irreps(irreps_in2)
         self.irreps_out = o3.Irreps(irreps_out)
@@ -459,7 +469,8 @@ class SparseTensorProduct(nn.Module):
     def _run_backend(self, x1: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if (self._runner.columns.device, self._runner.dtype) != (x1.device, x1.dtype):
             self._build_runner(x1.device, x1.dtype)  # moved or cast since: that device's default method, that dtype
-        return self._runner(x1, x2, weight.to(x1.dtype))
+        out = self._runner(x1, x2, weight.to(x1.dtype))
+        return out if self.out_layout == "mul_ir" else ir_mul_from_mul_ir(out, self._blocks_out)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -573,7 +584,12 @@ class SparseTensorProduct(nn.Module):
             x2_blocks = [_component_major(b) for b in x2_blocks]
 
         outputs: list[list[torch.Tensor]] = [[] for _ in self._blocks_out]
+        component_major = self.out_layout == "ir_mul" and self._whole_x2
         for group, cg in zip(groups, cgs):
+            if component_major:  # (n, d_out, U) terms throughout, see _whole_x2_terms
+                for i_out, term in self._whole_x2_terms(x1_blocks[group.i_in1], x2, cg, group, path_weights, shared):
+                    outputs[i_out].append(term)
+                continue
             b = x2.reshape(n, 1, x2.shape[1]) if group.i_in2 is None else x2_blocks[group.i_in2]
             joint = self._pair_contraction(x1_blocks[group.i_in1], b, cg)
             parts = joint.split([self._blocks_out[self._paths[p].i_out].dim for _, p in group.members], -1)
@@ -588,10 +604,27 @@ class SparseTensorProduct(nn.Module):
                 total = terms[0]
                 for extra in terms[1:]:
                     total = total + extra
+                if self.out_layout == "ir_mul" and not component_major:
+                    total = total.transpose(1, 2)
                 pieces.append(total.reshape(n, block.mul * block.dim))
             else:  # no selected path reaches this output
                 pieces.append(x1.new_zeros(n, block.mul * block.dim))
         return torch.cat(pieces, dim=-1)
+
+    def _whole_x2_terms(
+        self, a: torch.Tensor, x2: torch.Tensor, cg: torch.Tensor, group: _Group, path_weights: dict, shared: bool
+    ) -> list[tuple[int, torch.Tensor]]:
+        """The weighted terms of one ``"uvu"`` group against the whole of ``x2`` as ``(output block, (n, d_out,
+        U))`` pairs, computed component-major: the per-edge weight of a path multiplies whole rows of U channels
+        (and its gradient sums over rows), not trailing runs of ``2l + 1`` components."""
+        n, u, _ = a.shape
+        joint = _against_one_x2_copy(a, x2, cg, component_major=True)
+        parts = joint.split([self._blocks_out[self._paths[p].i_out].dim for _, p in group.members], 1)
+        rows = 1 if shared else n
+        return [
+            (self._paths[p].i_out, part * path_weights[p].reshape(rows, 1, u))
+            for part, (_, p) in zip(parts, group.members)
+        ]
 
     def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """The group's normalised Clebsch-Gordan tensor ``(d1, d2, K)``, each path's columns times its gate
@@ -613,11 +646,7 @@ class SparseTensorProduct(nn.Module):
         n, u, d1 = a.shape
         v, d2 = b.shape[1], b.shape[2]
         if v == 1:
-            # Contract x2 with the CG tensor first (no U factor), then one batched matmul with x1.
-            t = (b.reshape(n, d2) @ cg.transpose(0, 1).reshape(d2, d1 * k)).reshape(n, d1, k)
-            if d1 == 1:  # scalar x1: an outer product, where bmm is several times slower than a broadcast
-                return (a * t).reshape(n, u, 1, k)
-            return torch.bmm(a, t).reshape(n, u, 1, k)
+            return _against_one_x2_copy(a, b.reshape(n, d2), cg).reshape(n, u, 1, k)
         t = torch.einsum("zvj,ijk->zvik", b, cg)
         return torch.einsum("zui,zvik->zuvk", a, t)  # (n, U, V, K)
 
@@ -644,3 +673,18 @@ class SparseTensorProduct(nn.Module):
 def _component_major(block: torch.Tensor) -> torch.Tensor:
     """``(n, U, d)`` -> ``(d, n, U)``, contiguous."""
     return block.permute(2, 0, 1).contiguous()
+
+
+def _against_one_x2_copy(
+    a: torch.Tensor, x2: torch.Tensor, cg: torch.Tensor, component_major: bool = False
+) -> torch.Tensor:
+    """``x1`` block ``a (n, U, d1)`` times ``x2 (n, d2)`` (one copy of each irrep) through ``cg (d1, d2, K)``:
+    ``(n, U, K)``, or ``(n, K, U)`` when ``component_major``. x2 meets the Clebsch-Gordan tensor first (no U
+    factor), then one batched product with x1."""
+    n, _, d1 = a.shape
+    k = cg.shape[-1]
+    t = (x2 @ cg.transpose(0, 1).reshape(x2.shape[1], d1 * k)).reshape(n, d1, k)
+    left, right = (t.transpose(1, 2), a.transpose(1, 2)) if component_major else (a, t)
+    if d1 == 1:  # scalar x1: an outer product, where bmm is several times slower than a broadcast
+        return left * right
+    return torch.bmm(left, right)

@@ -19,11 +19,13 @@ CASES = {
 }
 
 
-def _product(case: str, sparsity: float, shared: bool = False) -> SparseTensorProduct:
+def _product(case: str, sparsity: float, shared: bool = False, out_layout: str = "mul_ir") -> SparseTensorProduct:
     """A float64 product in its fixed phase (random gate weights, so not simply the first paths)."""
     mode, *irreps = CASES[case]
     with default_dtype(torch.float64):
-        tp = SparseTensorProduct(*irreps, mode=mode, sparsity=sparsity, internal_weights=shared, per_output=True)
+        tp = SparseTensorProduct(
+            *irreps, mode=mode, sparsity=sparsity, internal_weights=shared, per_output=True, out_layout=out_layout
+        )
     if sparsity:
         with torch.no_grad():
             tp.path_weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(3))
@@ -51,8 +53,9 @@ def _value_and_grads(tp, x1, x2, w):
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("sparsity", [0.0, 0.6])
 @pytest.mark.parametrize("shared", [False, True], ids=["per-row", "shared"])
-def test_cuequivariance_matches_our_contraction_forward_and_backward(case, sparsity, shared):
-    tp = _product(case, sparsity, shared)
+@pytest.mark.parametrize("out_layout", ["mul_ir", "ir_mul"])
+def test_cuequivariance_matches_our_contraction_forward_and_backward(case, sparsity, shared, out_layout):
+    tp = _product(case, sparsity, shared, out_layout)
     x1, x2, w = _inputs(tp)
     ours, our_grads = _value_and_grads(tp, x1, x2, w)
     tp.set_backend("cuequivariance")

@@ -7,6 +7,7 @@ from e3nn import o3
 
 from equivariance import default_dtype
 from metaham.nn import SparseTensorProduct
+from metaham.nn.layout import blocks, ir_mul_from_mul_ir, mul_ir_from_ir_mul
 from metaham.nn.sparse_tp import n_kept
 
 FEAT = "4x0e+4x1o+2x2e"
@@ -333,3 +334,59 @@ def test_no_rows_give_an_empty_output_in_every_phase(irreps, mode):
         tp.set_phase(phase)
         out = tp(torch.zeros(0, tp.irreps_in1.dim), torch.zeros(0, tp.irreps_in2.dim), torch.zeros(0, tp.weight_numel))
         assert out.shape == (0, tp.irreps_out.dim)
+
+
+def test_layout_conversions_reorder_each_block_and_invert_each_other():
+    layout = blocks("2x0e+2x1o")
+    # mul_ir: channel after channel, each with its 2l + 1 components; ir_mul: component after component.
+    mul_ir = torch.tensor([[0.0, 1.0, 10.0, 11.0, 12.0, 20.0, 21.0, 22.0]])
+    ir_mul = torch.tensor([[0.0, 1.0, 10.0, 20.0, 11.0, 21.0, 12.0, 22.0]])
+    assert torch.equal(ir_mul_from_mul_ir(mul_ir, layout), ir_mul)
+    assert torch.equal(mul_ir_from_ir_mul(ir_mul, layout), mul_ir)
+    x = torch.randn(5, o3.Irreps(FEAT).dim)
+    assert torch.equal(mul_ir_from_ir_mul(ir_mul_from_mul_ir(x, blocks(FEAT)), blocks(FEAT)), x)
+
+
+@pytest.mark.parametrize(
+    "irreps, mode, internal",
+    [
+        ((FEAT, SH, FEAT + "+4x1e"), "uvu", False),  # x2 one copy of each irrep: the component-major contraction
+        ((FEAT, SH, FEAT), "uvu", True),
+        ((FEAT, "2x0e+3x1o", FEAT), "uvu", False),
+        ((FEAT, SH, "3x0e+2x1o+5x2e+1x1e"), "uvw", False),
+        (("4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e+4x1e"), "uuu", False),
+    ],
+)
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
+def test_ir_mul_output_is_the_mul_ir_output_reordered_forward_and_backward(irreps, mode, internal, sparsity):
+    with default_dtype(torch.float64):
+        options = {"mode": mode, "sparsity": sparsity, "internal_weights": internal}
+        ours = SparseTensorProduct(*irreps, **options)
+        theirs = SparseTensorProduct(*irreps, **options, out_layout="ir_mul")
+        if sparsity:
+            with torch.no_grad():
+                ours.path_weight.uniform_(0.5, 2.0, generator=torch.Generator().manual_seed(3))
+        theirs.load_state_dict(ours.state_dict())
+        x1, x2, w = _inputs(tp=ours, n=7)
+        leaves = [t.requires_grad_() for t in (x1, x2, w) if t is not None] + list(ours.parameters())
+        out_blocks = blocks(ours.irreps_out)
+        cotangent = torch.randn(7, ours.irreps_out.dim, generator=torch.Generator().manual_seed(4))
+        for phase in ("random", "adaptive", "fixed"):
+            ours.set_phase(phase), theirs.set_phase(phase)
+            torch.manual_seed(0)  # the random phase draws its paths in training mode: the same draw for both
+            want = ir_mul_from_mul_ir(ours(x1, x2, w), out_blocks)
+            torch.manual_seed(0)
+            got = theirs(x1, x2, w)
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+            their_leaves = leaves[: len(leaves) - len(list(ours.parameters()))] + list(theirs.parameters())
+            want_grads = torch.autograd.grad((want * cotangent).sum(), leaves, allow_unused=True)
+            got_grads = torch.autograd.grad((got * cotangent).sum(), their_leaves, allow_unused=True)
+            for g_want, g_got in zip(want_grads, got_grads):
+                assert (g_want is None) == (g_got is None)
+                if g_want is not None:
+                    torch.testing.assert_close(g_got, g_want, rtol=0, atol=1e-12)
+
+
+def test_bad_out_layout_is_a_clear_error():
+    with pytest.raises(ValueError, match="out_layout must be one of"):
+        SparseTensorProduct(FEAT, SH, FEAT, out_layout="ir-mul")
