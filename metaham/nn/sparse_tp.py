@@ -667,6 +667,7 @@ class SparseTensorProduct(nn.Module):
             f"sparsity={self.sparsity}{', per_output' if self.per_output else ''}, "
             f"paths={len(self._kept)}/{self.n_paths} ({self._phase}), "
             f"weight_numel={self.weight_numel}, internal_weights={self.internal_weights}"
+            + (f", out_layout={self.out_layout}" if self.out_layout != "mul_ir" else "")
         )
 
 
