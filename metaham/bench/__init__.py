@@ -26,6 +26,18 @@ def discover() -> dict:
 
 
 @contextlib.contextmanager
+def backend_errors(flag: str) -> Iterator[None]:
+    """A tensor-product backend that is not installed (ImportError), or cannot run these products (a CUDA kernel
+    refusing a shape: NotImplementedError), is a usage error naming the command-line ``flag`` and its value."""
+    from metaham.errors import UsageError
+
+    try:
+        yield
+    except (ImportError, NotImplementedError) as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+@contextlib.contextmanager
 def torch_threads(threads: int) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(threads)``; the previous count is restored afterwards."""
     import torch

@@ -38,6 +38,8 @@ import contextlib
 
 import numpy as np
 
+from metaham.bench import backend_errors
+
 NAME = "qh9"
 HELP = "QH9 model evaluation (metaham qh9 eval vs QH9's one-molecule float64 test route) and training step"
 TARGET_EVAL_SPEEDUP = 5.0
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
     if args.tp_backend == "cuequivariance":
         from metaham.nn import cue_backend
 
-        with _backend_errors(args.tp_backend):  # before the data is made: say what to install at once
+        # Before the data is made: say what to install at once.
+        with backend_errors(f"--tp-backend {args.tp_backend}"):
             cue_backend.require()
     summaries, result = [], {"device": str(device), "config": args.config, "overrides": list(args.overrides)}
     if args.part in ("eval", "all"):
@@ -168,7 +171,7 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
         records = list(dataset.file)
         model = _trained_shape_model(config["model"], dataset, batch_size).to(device)
         reference_model = copy.deepcopy(model).double()  # QH9's test sets float64 as the default dtype
-        with _backend_errors(args.tp_backend):
+        with backend_errors(f"--tp-backend {args.tp_backend}"):
             use_backend(model, args.tp_backend)  # ours only, as --compile
         if args.compile:  # ours only: QH9's route is timed as QH9 runs it
             model.compile(dynamic=True, backend=args.compile)
@@ -299,18 +302,6 @@ def _eval_speedup(args: argparse.Namespace, config: dict, device) -> tuple[str, 
     return summary, result
 
 
-@contextlib.contextmanager
-def _backend_errors(backend: str):
-    """A tensor-product backend that is not installed, or cannot run these products (a CUDA kernel refusing a
-    shape), is a usage error."""
-    from metaham.errors import UsageError
-
-    try:
-        yield
-    except (ImportError, NotImplementedError) as exc:
-        raise UsageError(f"--tp-backend {backend}: {exc}") from None
-
-
 def _with_threads(threads: int, fn):
     """``fn`` run under :func:`metaham.bench.torch_threads` ``(threads)``."""
     from metaham.bench import torch_threads
@@ -372,7 +363,7 @@ def _train_speedup(args: argparse.Namespace, model_options: dict, device) -> tup
         for row, Z, pos, H_true, _ in g2_inputs(args.train_molecules, 1)
     ]
     batch = Batch.from_data_list(molecules)
-    with _backend_errors(args.tp_backend):
+    with backend_errors(f"--tp-backend {args.tp_backend}"):
         result = time_training_steps(
             batch, device, args.train_repeats, model_options, compile=args.compile, tp_backend=args.tp_backend
         )

@@ -24,7 +24,7 @@ import statistics
 import torch
 from e3nn import o3
 
-from metaham.bench import interleaved_median_times, torch_threads
+from metaham.bench import backend_errors, interleaved_median_times, torch_threads
 
 NAME = "tp"
 HELP = "sparse vs dense e3nn tensor product (fixed phase) and a message block with vs without the pair gate"
@@ -197,19 +197,15 @@ def run(args: argparse.Namespace) -> tuple[str, dict]:
         check_sparsity(args.sparsity, "--sparsity")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    try:
-        if args.backend == "cuequivariance":
+    if args.backend == "cuequivariance":
+        with backend_errors(f"--backend {args.backend}"):
             cue_backend.require()
-    except ImportError as exc:
-        raise UsageError(f"--backend {args.backend}: {exc}") from None
     device = resolve_device(args.device)
     with torch_threads(args.threads):
         generator = torch.Generator().manual_seed(args.seed)
-        try:
+        with backend_errors(f"--backend {args.backend}"):  # e.g. a CUDA kernel that does not take these products
             l2 = _time_tensor_products(2, args, generator, device)
             l4 = _time_tensor_products(4, args, generator, device)
-        except NotImplementedError as exc:  # a cuequivariance kernel that does not take these products
-            raise UsageError(f"--backend {args.backend}: {exc}") from None
         pair = _time_pair_gate(args, generator, device)
 
     result = {

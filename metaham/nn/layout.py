@@ -47,13 +47,16 @@ def mul_ir_from_ir_mul(x: torch.Tensor, layout: Sequence[Block]) -> torch.Tensor
     rows of channels, several times faster on a CPU than over trailing runs of ``2l + 1`` components; the
     conversion is then paid once, e.g. per node after a sum over edges instead of per edge.
     """
-    n = x.shape[0]
-    pieces = x.split([b.mul * b.dim for b in layout], -1)
-    return torch.cat([p.reshape(n, b.dim, b.mul).transpose(1, 2).reshape(n, -1) for p, b in zip(pieces, layout)], -1)
+    return _transpose_blocks(x, [(b.dim, b.mul) for b in layout])
 
 
 def ir_mul_from_mul_ir(x: torch.Tensor, layout: Sequence[Block]) -> torch.Tensor:
     """The inverse of :func:`mul_ir_from_ir_mul`."""
+    return _transpose_blocks(x, [(b.mul, b.dim) for b in layout])
+
+
+def _transpose_blocks(x: torch.Tensor, shapes: list[tuple[int, int]]) -> torch.Tensor:
+    """Each block of the rows, stored as a ``(rows, columns)`` matrix of ``shapes``, stored transposed."""
     n = x.shape[0]
-    pieces = x.split([b.mul * b.dim for b in layout], -1)
-    return torch.cat([p.reshape(n, b.mul, b.dim).transpose(1, 2).reshape(n, -1) for p, b in zip(pieces, layout)], -1)
+    pieces = x.split([a * b for a, b in shapes], -1)
+    return torch.cat([p.reshape(n, a, b).transpose(1, 2).reshape(n, -1) for p, (a, b) in zip(pieces, shapes)], -1)
