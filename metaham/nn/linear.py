@@ -7,7 +7,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .layout import blocks
+from .layout import LAYOUTS, blocks
 
 
 class EquivariantLinear(nn.Module):
@@ -19,10 +19,19 @@ class EquivariantLinear(nn.Module):
     of the fan-in, biases initialised to 0), computed with one matrix product per irrep type instead of one
     per block pair: on small inputs such as per-node features its cost is the number of operations, not the
     arithmetic. Output irreps that no input irrep matches are zero (plus their bias, for ``0e``).
+
+    ``layout`` is how both input and output rows store each block: ``"mul_ir"`` (e3nn's) or ``"ir_mul"``
+    (component-major, :mod:`metaham.nn.layout`), where the channels of a component are contiguous and the
+    product needs no transposed copies; the weights and the map are the same.
     """
 
-    def __init__(self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, bias: bool = True) -> None:
+    def __init__(
+        self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, bias: bool = True, layout: str = "mul_ir"
+    ) -> None:
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_out)
         self._in_blocks, self._out_blocks = blocks(self.irreps_in), blocks(self.irreps_out)
@@ -48,19 +57,28 @@ class EquivariantLinear(nn.Module):
                 f"x must have last dimension {self.irreps_in.dim} for {self.irreps_in}, got {tuple(x.shape)}"
             )
         n = x.shape[0]
-        parts = [p.reshape(n, b.mul, b.dim) for p, b in zip(x.split(self._in_sizes, -1), self._in_blocks)]
+        # Every block as (n, d, U), component-major: a transposed view of an e3nn (n, U, d) block.
+        if self.layout == "ir_mul":
+            parts = [p.reshape(n, b.dim, b.mul) for p, b in zip(x.split(self._in_sizes, -1), self._in_blocks)]
+        else:
+            parts = [
+                p.reshape(n, b.mul, b.dim).transpose(1, 2) for p, b in zip(x.split(self._in_sizes, -1), self._in_blocks)
+            ]
         out: list[torch.Tensor | None] = [None] * len(self._out_blocks)
         for name, ins, outs, fan_in in self._types:
             if not fan_in:
                 continue
-            joined = parts[ins[0]] if len(ins) == 1 else torch.cat([parts[i] for i in ins], dim=1)  # (n, U, d)
+            joined = parts[ins[0]] if len(ins) == 1 else torch.cat([parts[i] for i in ins], dim=2)  # (n, d, U)
             weight = getattr(self, name) / math.sqrt(fan_in)
-            # (n, U, d) -> (n d, U) @ (U, W) -> (n, W, d): one 2-D matrix product over all nodes and components.
+            # (n, d, U) -> (n d, U) @ (U, W) -> (n, d, W): one 2-D matrix product over all nodes and components.
             # 2-D on purpose: under vmap with per-task weights (MAML) it is one batched matmul, where a 3-D
             # (n, d, U) @ (U, W) copied the weight for every node (3.6x slower meta-steps).
-            d = joined.shape[2]
-            mixed = (joined.transpose(1, 2).reshape(n * d, -1) @ weight).reshape(n, d, -1).transpose(1, 2)
-            for i, part in zip(outs, mixed.split([self._out_blocks[i].mul for i in outs], dim=1)):
+            d = joined.shape[1]
+            mixed = (joined.reshape(n * d, -1) @ weight).reshape(n, d, -1)
+            if self.layout == "mul_ir":
+                mixed = mixed.transpose(1, 2)  # (n, W, d)
+            channel_axis = 2 if self.layout == "ir_mul" else 1
+            for i, part in zip(outs, mixed.split([self._out_blocks[i].mul for i in outs], dim=channel_axis)):
                 out[i] = part.reshape(n, -1)
         if self._bias_blocks:
             offset = 0
@@ -73,4 +91,4 @@ class EquivariantLinear(nn.Module):
         return torch.cat(pieces, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"{self.irreps_in} -> {self.irreps_out}"
+        return f"{self.irreps_in} -> {self.irreps_out}" + (f", layout={self.layout}" if self.layout != "mul_ir" else "")

@@ -592,7 +592,8 @@ class SparseTensorProduct(nn.Module):
                 continue
             b = x2.reshape(n, 1, x2.shape[1]) if group.i_in2 is None else x2_blocks[group.i_in2]
             joint = self._pair_contraction(x1_blocks[group.i_in1], b, cg)
-            parts = joint.split([self._blocks_out[self._paths[p].i_out].dim for _, p in group.members], -1)
+            dims = [self._blocks_out[self._paths[p].i_out].dim for _, p in group.members]
+            parts = joint.split(dims, 0 if self.mode == "uuu" else -1)
             for part, (_, p) in zip(parts, group.members):
                 path = self._paths[p]
                 w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
@@ -604,7 +605,9 @@ class SparseTensorProduct(nn.Module):
                 total = terms[0]
                 for extra in terms[1:]:
                     total = total + extra
-                if self.out_layout == "ir_mul" and not component_major:
+                if self.mode == "uuu":  # (d, n, U), see _pair_contraction
+                    total = total.permute(1, 2, 0) if self.out_layout == "mul_ir" else total.transpose(0, 1)
+                elif self.out_layout == "ir_mul" and not component_major:
                     total = total.transpose(1, 2)
                 pieces.append(total.reshape(n, block.mul * block.dim))
             else:  # no selected path reaches this output
@@ -642,7 +645,8 @@ class SparseTensorProduct(nn.Module):
         if self.mode == "uuu":  # component-major blocks a (d1, n, U), b (d2, n, U), see _contract
             (d1, n, u), d2 = a.shape, b.shape[0]
             outer = (a.unsqueeze(1) * b.unsqueeze(0)).reshape(d1 * d2, n * u)
-            return (cg.reshape(d1 * d2, k).T @ outer).T.reshape(n, u, k)  # (n, U, K), a strided view
+            # Kept component-major, (K, n, U): each path's weight then scales whole rows of U channels.
+            return (cg.reshape(d1 * d2, k).T @ outer).reshape(k, n, u)
         n, u, d1 = a.shape
         v, d2 = b.shape[1], b.shape[2]
         if v == 1:
@@ -652,8 +656,8 @@ class SparseTensorProduct(nn.Module):
 
     def _apply_weight(self, part: torch.Tensor, w: torch.Tensor, shared: bool) -> torch.Tensor:
         z = "" if shared else "z"
-        if self.mode == "uuu":  # part (n, U, d), w ([n,] U)
-            return part * w.unsqueeze(-1)
+        if self.mode == "uuu":  # part (d, n, U), w ([n,] U): a broadcast over the leading axis only
+            return part * w
         if self.mode == "uvu":  # part (n, U, V, d), w ([n,] U, V)
             if part.shape[2] == 1:
                 n, u, _, d = part.shape

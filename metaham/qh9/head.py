@@ -33,7 +33,7 @@ from metaham.nn import (
     spherical_harmonics,
 )
 
-from metaham.nn.layout import blocks
+from metaham.nn.layout import blocks, ir_mul_from_mul_ir
 from metaham.nn.pair_gate import check_keep_radius
 
 from .orbitals import PADDED_IRREPS
@@ -68,9 +68,14 @@ class OrbitalExpansion(nn.Module):
     Args:
         irreps_in: irreps of the input features; must contain every irrep of :data:`BLOCK_IRREPS`.
         irreps_block: row (= column) irreps of the block (default def2-SVP's padded ``3x0e+2x1o+1x2e``).
+        layout: how the input features store each block, ``"mul_ir"`` (e3nn's) or ``"ir_mul"``
+            (component-major, :mod:`metaham.nn.layout`); the channels then follow the same layout, so the linear
+            map needs no transposed copies. The blocks come out the same.
     """
 
-    def __init__(self, irreps_in: o3.Irreps | str, irreps_block: o3.Irreps | str = PADDED_IRREPS) -> None:
+    def __init__(
+        self, irreps_in: o3.Irreps | str, irreps_block: o3.Irreps | str = PADDED_IRREPS, layout: str = "mul_ir"
+    ) -> None:
         super().__init__()
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_block = o3.Irreps(irreps_block)
@@ -86,7 +91,7 @@ class OrbitalExpansion(nn.Module):
         order = sorted(per_ir, key=_natural_first)
         self.irreps_channels = o3.Irreps([(len(per_ir[ir]), ir) for ir in order])
         self.n_channels = self.irreps_channels.num_irreps
-        self.linear = EquivariantLinear(self.irreps_in, self.irreps_channels)
+        self.linear = EquivariantLinear(self.irreps_in, self.irreps_channels, layout=layout)
 
         d = self.irreps_block.dim
         starts = [sum(m * i.dim for m, i in self.irreps_block[:k]) for k in range(len(self.irreps_block))]
@@ -104,9 +109,13 @@ class OrbitalExpansion(nn.Module):
                 channel_of_component += [channel] * ir.dim
                 row += ir.dim
                 channel += 1
+        channel_index = torch.tensor(channel_of_component, dtype=torch.long)
+        if layout == "ir_mul":  # the same rows, in the order the component-major channels come in
+            order = ir_mul_from_mul_ir(torch.arange(self.irreps_channels.dim)[None], blocks(self.irreps_channels))[0]
+            cg, channel_index = cg[order], channel_index[order]
         self.register_buffer("cg", cg.reshape(self.irreps_channels.dim, d * d), persistent=False)
         self._block_dim = d
-        self.register_buffer("channel_index", torch.tensor(channel_of_component, dtype=torch.long), persistent=False)
+        self.register_buffer("channel_index", channel_index, persistent=False)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x (N, irreps_in.dim)``, ``weight (N, n_channels)`` -> ``(N, d, d)`` blocks, ``d = irreps_block.dim``."""
@@ -201,12 +210,15 @@ class BlockHead(nn.Module):
         # Two-centre features: the harmonics of natural parity (the only ones Y(r) has), one coefficient each.
         self._feature_blocks = blocks(self.irreps_features)
         self._two_centre = [(k, b.l) for k, b in enumerate(self._feature_blocks) if b.p == (-1) ** b.l]
-        self.pair_expansion = OrbitalExpansion(self.irreps_features)
+        # The pair features are component-major (ir_mul) from the two-centre term and the product to the
+        # expansion's linear map: no transposed copies of the widest (pairs x features) tensors.
+        self.pair_expansion = OrbitalExpansion(self.irreps_features, layout="ir_mul")
         self.pair_weights = _mlp(n_invariants, hidden, mul * len(self._two_centre) + self.pair_expansion.n_channels)
         self.pair_left = EquivariantLinear(self.irreps_node, natural)
         self.pair_right = EquivariantLinear(self.irreps_node, natural)
         self.pair_tp = SparseTensorProduct(
-            natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity, per_output=tp_per_output
+            natural, natural, self.irreps_features, mode="uuu", sparsity=tp_sparsity, per_output=tp_per_output,
+            out_layout="ir_mul",
         )
         self.pair_tp_weights = _mlp(n_invariants, hidden, self.pair_tp.weight_numel)
         self.mul = mul
@@ -249,7 +261,8 @@ class BlockHead(nn.Module):
         return self.pair_expansion(features, w_expansion)
 
     def _two_centre_features(self, coefficients: torch.Tensor, sh: torch.Tensor) -> torch.Tensor:
-        """``(P, irreps_features.dim)``: ``coefficient[u, l] * Y_l`` in the natural-parity blocks, 0 elsewhere."""
+        """``(P, irreps_features.dim)``, component-major (``ir_mul``): ``coefficient[u, l] * Y_l`` in the
+        natural-parity blocks, 0 elsewhere."""
         n = sh.shape[0]
         coefficients = coefficients.reshape(n, self.mul, len(self._two_centre))
         by_block = {k: c for c, (k, _) in enumerate(self._two_centre)}
@@ -257,7 +270,7 @@ class BlockHead(nn.Module):
         for k, b in enumerate(self._feature_blocks):
             if k in by_block:
                 y = sh[:, b.l**2 : (b.l + 1) ** 2]
-                pieces.append((coefficients[:, :, by_block[k], None] * y[:, None, :]).reshape(n, b.mul * b.dim))
+                pieces.append((y[:, :, None] * coefficients[:, None, :, by_block[k]]).reshape(n, b.dim * b.mul))
             else:
                 pieces.append(sh.new_zeros(n, b.mul * b.dim))
         return torch.cat(pieces, dim=-1)

@@ -107,6 +107,34 @@ def test_linear_mixes_channels_of_each_irrep_type():
             lin(x[:, :-1])
 
 
+def test_linear_in_component_major_layout_is_the_same_map():
+    from metaham.nn.layout import blocks, ir_mul_from_mul_ir, mul_ir_from_ir_mul
+
+    with default_dtype(torch.float64):
+        irreps_in, irreps_out = "2x0e+3x1o+1x2e+2x1o", "4x1o+2x0e+3x2e+1x1e"
+        torch.manual_seed(0)
+        lin = EquivariantLinear(irreps_in, irreps_out)
+        torch.manual_seed(0)
+        lin_ir_mul = EquivariantLinear(irreps_in, irreps_out, layout="ir_mul")
+        with torch.no_grad():
+            lin.bias.copy_(torch.tensor([0.5, -1.0]))
+            lin_ir_mul.bias.copy_(lin.bias)
+        assert lin_ir_mul.state_dict().keys() == lin.state_dict().keys()
+        x = torch.randn(6, lin.irreps_in.dim, requires_grad=True)
+        out = lin(x)
+        out_ir_mul = lin_ir_mul(ir_mul_from_mul_ir(x, blocks(irreps_in)))
+        torch.testing.assert_close(mul_ir_from_ir_mul(out_ir_mul, blocks(irreps_out)), out, atol=1e-12, rtol=0)
+        assert torch.all(out[:, 29:] == 0) and torch.all(out_ir_mul[:, 29:] == 0)  # 1e: no input
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, lin.weight_1o], g)
+        grads_ir_mul = torch.autograd.grad(out_ir_mul, [x, lin_ir_mul.weight_1o], ir_mul_from_mul_ir(g, blocks(irreps_out)))
+        torch.testing.assert_close(grads_ir_mul[0], grads[0], atol=1e-12, rtol=0)
+        torch.testing.assert_close(grads_ir_mul[1], grads[1], atol=1e-12, rtol=0)
+        assert "layout=ir_mul" in repr(lin_ir_mul)
+        with pytest.raises(ValueError, match="layout must be one of"):
+            EquivariantLinear(irreps_in, irreps_out, layout="mul_first")
+
+
 def _silu(z):
     return z / (1 + np.exp(-z))
 

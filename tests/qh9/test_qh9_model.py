@@ -124,6 +124,26 @@ def test_clebsch_gordan_coefficients_are_chosen_by_l_not_by_position():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_orbital_expansion_of_component_major_features_gives_the_same_blocks():
+    """``layout="ir_mul"`` reads the features component-major and orders its channels the same way: same
+    blocks and gradients as e3nn's layout, same parameters (a checkpoint of either loads into the other)."""
+    from metaham.nn.layout import blocks, ir_mul_from_mul_ir
+
+    irreps = o3.Irreps([(3, ir) for _, ir in BLOCK_IRREPS])
+    torch.manual_seed(0)
+    expansion = OrbitalExpansion(irreps).double()
+    component_major = OrbitalExpansion(irreps, layout="ir_mul").double()
+    component_major.load_state_dict(expansion.state_dict())
+    x = torch.randn(4, irreps.dim, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, expansion.n_channels, dtype=torch.float64, requires_grad=True)
+    want = expansion(x, weight)
+    got = component_major(ir_mul_from_mul_ir(x, blocks(irreps)), weight)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    g = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, [x, weight], g), torch.autograd.grad(want, [x, weight], g)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 def test_checkpoint_reloads_the_fixed_phase_and_its_outputs(tmp_path):
     model = _model("fixed")
     save_checkpoint({"config": model.config, "model": model.state_dict()}, tmp_path / "m.pt")
