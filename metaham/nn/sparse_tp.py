@@ -150,7 +150,9 @@ class SparseTensorProduct(nn.Module):
             :func:`~metaham.nn.layout.mul_ir_from_ir_mul`). The inputs are always ``mul_ir``. In ``"uvu"``
             mode against one copy of each x2 irrep (spherical harmonics) ``"ir_mul"`` is the product's own
             order, forward and backward (per-edge weights scale whole rows of channels): a caller that sums
-            the rows first, as a message-passing layer does over edges, converts only the sums.
+            the rows first, as a message-passing layer does over edges, converts only the sums. A ``"uuu"``
+            product computes each output block as ``(2l + 1, N, mul)`` whatever the layout (per-row weights
+            scale whole rows of channels) and pays one copy per block in either.
 
     Shapes: ``x1 (N, irreps_in1.dim)``, ``x2 (N, irreps_in2.dim)``, ``weight (N, weight_numel)`` ->
     ``(N, irreps_out.dim)``. External weights always use the FULL (dense) layout, path after path in
