@@ -127,7 +127,8 @@ def test_linear_in_component_major_layout_is_the_same_map():
         assert torch.all(out[:, 29:] == 0) and torch.all(out_ir_mul[:, 29:] == 0)  # 1e: no input
         g = torch.randn_like(out)
         grads = torch.autograd.grad(out, [x, lin.weight_1o], g)
-        grads_ir_mul = torch.autograd.grad(out_ir_mul, [x, lin_ir_mul.weight_1o], ir_mul_from_mul_ir(g, blocks(irreps_out)))
+        g_ir_mul = ir_mul_from_mul_ir(g, blocks(irreps_out))
+        grads_ir_mul = torch.autograd.grad(out_ir_mul, [x, lin_ir_mul.weight_1o], g_ir_mul)
         torch.testing.assert_close(grads_ir_mul[0], grads[0], atol=1e-12, rtol=0)
         torch.testing.assert_close(grads_ir_mul[1], grads[1], atol=1e-12, rtol=0)
         assert "layout=ir_mul" in repr(lin_ir_mul)
