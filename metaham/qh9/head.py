@@ -111,8 +111,9 @@ class OrbitalExpansion(nn.Module):
                 channel += 1
         channel_index = torch.tensor(channel_of_component, dtype=torch.long)
         if layout == "ir_mul":  # the same rows, in the order the component-major channels come in
-            order = ir_mul_from_mul_ir(torch.arange(self.irreps_channels.dim)[None], blocks(self.irreps_channels))[0]
-            cg, channel_index = cg[order], channel_index[order]
+            positions = torch.arange(self.irreps_channels.dim)[None]
+            ir_mul_rows = ir_mul_from_mul_ir(positions, blocks(self.irreps_channels))[0]
+            cg, channel_index = cg[ir_mul_rows], channel_index[ir_mul_rows]
         self.register_buffer("cg", cg.reshape(self.irreps_channels.dim, d * d), persistent=False)
         self._block_dim = d
         self.register_buffer("channel_index", channel_index, persistent=False)
