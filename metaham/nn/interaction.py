@@ -8,7 +8,7 @@ from e3nn import o3
 from torch import nn
 
 from .gate import GatedNonlinearity
-from .layout import blocks, mul_ir_from_ir_mul
+from .layout import blocks, ir_mul_from_mul_ir, mul_ir_from_ir_mul
 from .linear import EquivariantLinear
 from .norm import EquivariantLayerNorm
 from .pair_gate import PairInvariants, SparsePairGate, check_keep_radius
@@ -96,7 +96,6 @@ class InteractionBlock(nn.Module):
             self.irreps_in, self.irreps_sh, irreps_mid, mode="uvu", sparsity=tp_sparsity, instructions=instructions,
             per_output=tp_per_output, out_layout="ir_mul",
         )
-        self._mid_blocks = blocks(irreps_mid)
         self.radial = BesselBasis(num_basis, cutoff)
         if int(pair_channels) != pair_channels or pair_channels < 1:
             raise ValueError(f"pair_channels must be an integer >= 1, got {pair_channels!r}")
@@ -117,7 +116,10 @@ class InteractionBlock(nn.Module):
             nn.SiLU(),
             nn.Linear(radial_hidden, self.tp.weight_numel),
         )
-        self.update = EquivariantLinear(irreps_mid + self.irreps_in, self.gate.irreps_in)
+        # The update reads and writes component-major rows, the layout the summed messages come in: the node
+        # features (narrower) and the update's output (narrower) are converted instead of the messages.
+        self.update = EquivariantLinear(irreps_mid + self.irreps_in, self.gate.irreps_in, layout="ir_mul")
+        self._in_blocks, self._gate_blocks = blocks(self.irreps_in), blocks(self.gate.irreps_in)
         self.residual = self.irreps_in == self.irreps_out
         self.norm = EquivariantLayerNorm(self.irreps_out) if layer_norm else None
 
@@ -141,10 +143,10 @@ class InteractionBlock(nn.Module):
         edge_weight = edge_weight * (polynomial_cutoff(length, self.cutoff) * self.norm_factor).unsqueeze(-1)
         sh = spherical_harmonics(self.lmax_sh, edge_vec, self.sh_axes)
         messages = self.tp(features.index_select(0, edge_index[0]), sh, edge_weight)
-        # Messages come component-major (ir_mul, the product's fast layout): summed per node, then converted.
+        # Messages come component-major (ir_mul, the product's fast layout) and are summed per node.
         aggregated = messages.new_zeros(x.shape[0], messages.shape[1]).index_add(0, edge_index[1], messages)
-        aggregated = mul_ir_from_ir_mul(aggregated, self._mid_blocks)
-        out = self.gate(self.update(torch.cat([aggregated, x], dim=-1)))
+        mixed = self.update(torch.cat([aggregated, ir_mul_from_mul_ir(x, self._in_blocks)], dim=-1))
+        out = self.gate(mul_ir_from_ir_mul(mixed, self._gate_blocks))
         if self.residual:
             out = out + x
         return self.norm(out) if self.norm is not None else out

@@ -585,12 +585,16 @@ class SparseTensorProduct(nn.Module):
             x1_blocks = [_component_major(b) for b in x1_blocks]
             x2_blocks = [_component_major(b) for b in x2_blocks]
 
-        outputs: list[list[torch.Tensor]] = [[] for _ in self._blocks_out]
+        # Each output block's sum of weighted terms, accumulated as it goes: torch.addcmul adds a term and its
+        # weight in one pass, where a product then a sum would make two passes and an extra (n, d, U) tensor.
+        totals: list[torch.Tensor | None] = [None] * len(self._blocks_out)
         component_major = self.out_layout == "ir_mul" and self._whole_x2
         for group, cg in zip(groups, cgs):
             if component_major:  # (n, d_out, U) terms throughout, see _whole_x2_terms
-                for i_out, term in self._whole_x2_terms(x1_blocks[group.i_in1], x2, cg, group, path_weights, shared):
-                    outputs[i_out].append(term)
+                for i_out, term, factor in self._whole_x2_terms(
+                    x1_blocks[group.i_in1], x2, cg, group, path_weights, shared
+                ):
+                    _accumulate(totals, i_out, term, factor)
                 continue
             b = x2.reshape(n, 1, x2.shape[1]) if group.i_in2 is None else x2_blocks[group.i_in2]
             joint = self._pair_contraction(x1_blocks[group.i_in1], b, cg)
@@ -599,14 +603,11 @@ class SparseTensorProduct(nn.Module):
             for part, (_, p) in zip(parts, group.members):
                 path = self._paths[p]
                 w = path_weights[p].reshape(path.w_shape if shared else (n, *path.w_shape))
-                outputs[path.i_out].append(self._apply_weight(part, w, shared))
+                _accumulate(totals, path.i_out, *self._weighted(part, w, shared))
 
         pieces = []
-        for terms, block in zip(outputs, self._blocks_out):
-            if terms:
-                total = terms[0]
-                for extra in terms[1:]:
-                    total = total + extra
+        for total, block in zip(totals, self._blocks_out):
+            if total is not None:
                 if self.mode == "uuu":  # (d, n, U), see _pair_contraction
                     total = total.permute(1, 2, 0) if self.out_layout == "mul_ir" else total.transpose(0, 1)
                 elif self.out_layout == "ir_mul" and not component_major:
@@ -618,18 +619,25 @@ class SparseTensorProduct(nn.Module):
 
     def _whole_x2_terms(
         self, a: torch.Tensor, x2: torch.Tensor, cg: torch.Tensor, group: _Group, path_weights: dict, shared: bool
-    ) -> list[tuple[int, torch.Tensor]]:
-        """The weighted terms of one ``"uvu"`` group against the whole of ``x2`` as ``(output block, (n, d_out,
-        U))`` pairs, computed component-major: the per-edge weight of a path multiplies whole rows of U channels
-        (and its gradient sums over rows), not trailing runs of ``2l + 1`` components."""
-        n, u, _ = a.shape
-        joint = _against_one_x2_copy(a, x2, cg, component_major=True)
-        parts = joint.split([self._blocks_out[self._paths[p].i_out].dim for _, p in group.members], 1)
+    ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The weighted terms of one ``"uvu"`` group against the whole of ``x2`` as ``(output block, term,
+        factor)``, ``term * factor`` being the path's ``(n, d_out, U)`` contribution, computed component-major:
+        the per-edge weight of a path multiplies whole rows of U channels (and its gradient sums over rows),
+        not trailing runs of ``2l + 1`` components."""
+        n, u, d1 = a.shape
         rows = 1 if shared else n
-        return [
-            (self._paths[p].i_out, part * path_weights[p].reshape(rows, 1, u))
-            for part, (_, p) in zip(parts, group.members)
-        ]
+        dims = [self._blocks_out[self._paths[p].i_out].dim for _, p in group.members]
+        weights = [path_weights[p].reshape(rows, 1, u) for _, p in group.members]
+        outputs = [self._paths[p].i_out for _, p in group.members]
+        if d1 == 1:
+            # A scalar x1: each term is an outer product (x2 through the CG) x (x1 times the path's weight). The
+            # weight meets the (n, 1, U) factor, so no (n, K, U) product is formed and then weighted.
+            k = cg.shape[-1]
+            t = (x2 @ cg.reshape(x2.shape[1], k)).reshape(n, k, 1)
+            scaled = a.reshape(n, 1, u)
+            return [(i, part, scaled * w) for i, part, w in zip(outputs, t.split(dims, 1), weights)]
+        joint = _against_one_x2_copy(a, x2, cg, component_major=True)
+        return list(zip(outputs, joint.split(dims, 1), weights))
 
     def _group_cg(self, group: _Group, index: torch.Tensor, scales: torch.Tensor | None) -> torch.Tensor:
         """The group's normalised Clebsch-Gordan tensor ``(d1, d2, K)``, each path's columns times its gate
@@ -656,16 +664,20 @@ class SparseTensorProduct(nn.Module):
         t = torch.einsum("zvj,ijk->zvik", b, cg)
         return torch.einsum("zui,zvik->zuvk", a, t)  # (n, U, V, K)
 
-    def _apply_weight(self, part: torch.Tensor, w: torch.Tensor, shared: bool) -> torch.Tensor:
+    def _weighted(
+        self, part: torch.Tensor, w: torch.Tensor, shared: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A path's term as ``(term, factor)``: its contribution is ``term * factor`` (``term`` alone when the
+        factor is None, i.e. the weight was contracted in already)."""
         z = "" if shared else "z"
         if self.mode == "uuu":  # part (d, n, U), w ([n,] U): a broadcast over the leading axis only
-            return part * w
+            return part, w
         if self.mode == "uvu":  # part (n, U, V, d), w ([n,] U, V)
             if part.shape[2] == 1:
                 n, u, _, d = part.shape
-                return part.reshape(n, u, d) * w.reshape(*w.shape[:-1], 1)
-            return torch.einsum(f"{z}uv,zuvk->zuk", w, part)
-        return torch.einsum(f"{z}uvw,zuvk->zwk", w, part)  # uvw
+                return part.reshape(n, u, d), w.reshape(*w.shape[:-1], 1)
+            return torch.einsum(f"{z}uv,zuvk->zuk", w, part), None
+        return torch.einsum(f"{z}uvw,zuvk->zwk", w, part), None  # uvw
 
     def extra_repr(self) -> str:
         return (
@@ -675,6 +687,16 @@ class SparseTensorProduct(nn.Module):
             f"weight_numel={self.weight_numel}, internal_weights={self.internal_weights}"
             + (f", out_layout={self.out_layout}" if self.out_layout != "mul_ir" else "")
         )
+
+
+def _accumulate(
+    totals: list[torch.Tensor | None], i: int, term: torch.Tensor, factor: torch.Tensor | None
+) -> None:
+    """``totals[i] += term * factor`` (``term`` alone if ``factor`` is None), starting from nothing."""
+    if factor is None:
+        totals[i] = term if totals[i] is None else totals[i] + term
+    else:
+        totals[i] = term * factor if totals[i] is None else torch.addcmul(totals[i], term, factor)
 
 
 def _component_major(block: torch.Tensor) -> torch.Tensor:
