@@ -130,6 +130,8 @@ def n_kept(sparsity: float, n: int) -> int:
     return max(1, round((1.0 - sparsity) * n)) if n > 0 else 0
 
 
+_OUTER_PRODUCT_ELEMENTS = 1 << 18  # a uuu product's outer product is formed in slices of at most this many numbers
+
 class SparseTensorProduct(nn.Module):
     r"""Tensor product ``x1 (x) x2 -> out`` over e3nn irreps with a three-phase sparse path gate.
 
@@ -654,9 +656,18 @@ class SparseTensorProduct(nn.Module):
         k = cg.shape[-1]
         if self.mode == "uuu":  # component-major blocks a (d1, n, U), b (d2, n, U), see _contract
             (d1, n, u), d2 = a.shape, b.shape[0]
-            outer = (a.unsqueeze(1) * b.unsqueeze(0)).reshape(d1 * d2, n * u)
+            cg_t = cg.reshape(d1 * d2, k).T
+            # Without autograd, the outer product is made and contracted a slice of rows at a time, small enough
+            # to stay in the CPU's cache between the two: whole, it is (d1 d2) / K times larger than the result
+            # (8x for 4 x 4). With autograd the slices' extra backward work cost more than this saved (measured).
+            grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or cg.requires_grad)
+            rows = n if grad else max(1, _OUTER_PRODUCT_ELEMENTS // (d1 * d2 * u))
             # Kept component-major, (K, n, U): each path's weight then scales whole rows of U channels.
-            return (cg.reshape(d1 * d2, k).T @ outer).reshape(k, n, u)
+            pieces = [
+                (cg_t @ (a_.unsqueeze(1) * b_.unsqueeze(0)).reshape(d1 * d2, -1)).reshape(k, -1, u)
+                for a_, b_ in zip(a.split(rows, 1), b.split(rows, 1))
+            ]
+            return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
         n, u, d1 = a.shape
         v, d2 = b.shape[1], b.shape[2]
         if v == 1:

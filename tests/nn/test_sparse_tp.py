@@ -390,3 +390,25 @@ def test_ir_mul_output_is_the_mul_ir_output_reordered_forward_and_backward(irrep
 def test_bad_out_layout_is_a_clear_error():
     with pytest.raises(ValueError, match="out_layout must be one of"):
         SparseTensorProduct(FEAT, SH, FEAT, out_layout="ir-mul")
+
+
+@pytest.mark.parametrize("out_layout", ["mul_ir", "ir_mul"])
+def test_uuu_product_without_autograd_in_slices_of_rows_is_the_same(monkeypatch, out_layout):
+    import metaham.nn.sparse_tp as sparse_tp
+
+    with default_dtype(torch.float64):
+        irreps = ("4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e", "4x0e+4x1o+4x2e+4x1e")
+        tp = SparseTensorProduct(*irreps, mode="uuu", sparsity=0.5, out_layout=out_layout)
+        tp.set_phase("fixed")
+        x1, x2, w = _inputs(tp, n=23)
+        whole = tp(x1, x2, w)  # no input requires grad, but 23 rows fit in one slice
+        # Slices of 80 numbers: one row at a time for 2e x 2e (25 x 4 channels per row: more than 80, but never
+        # fewer than one row) and 1o x 2e (60), 20 rows then 3 for 0e x 0e (4): even and uneven slices
+        monkeypatch.setattr(sparse_tp, "_OUTER_PRODUCT_ELEMENTS", 80)
+        with torch.no_grad():
+            sliced = tp(x1, x2, w)
+        torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-12)
+        want = _e3nn_with_path_scales(tp, x1, x2, w, _renormalised(tp, tp._kept))
+        if out_layout == "ir_mul":
+            want = ir_mul_from_mul_ir(want, blocks(tp.irreps_out))
+        torch.testing.assert_close(sliced, want, rtol=0, atol=1e-12)
