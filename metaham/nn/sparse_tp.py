@@ -132,6 +132,7 @@ def n_kept(sparsity: float, n: int) -> int:
 
 _OUTER_PRODUCT_ELEMENTS = 1 << 18  # a uuu product's outer product is formed in slices of at most this many numbers
 
+
 class SparseTensorProduct(nn.Module):
     r"""Tensor product ``x1 (x) x2 -> out`` over e3nn irreps with a three-phase sparse path gate.
 
@@ -661,10 +662,10 @@ class SparseTensorProduct(nn.Module):
             # to stay in the CPU's cache between the two: whole, it is (d1 d2) / K times larger than the result
             # (8x for 4 x 4). With autograd the slices' extra backward work cost more than this saved (measured).
             grad = torch.is_grad_enabled() and (a.requires_grad or b.requires_grad or cg.requires_grad)
-            rows = n if grad else max(1, _OUTER_PRODUCT_ELEMENTS // (d1 * d2 * u))
+            rows = max(1, n if grad else _OUTER_PRODUCT_ELEMENTS // (d1 * d2 * u))
             # Kept component-major, (K, n, U): each path's weight then scales whole rows of U channels.
             pieces = [
-                (cg_t @ (a_.unsqueeze(1) * b_.unsqueeze(0)).reshape(d1 * d2, -1)).reshape(k, -1, u)
+                (cg_t @ (a_.unsqueeze(1) * b_.unsqueeze(0)).reshape(d1 * d2, a_.shape[1] * u)).reshape(k, -1, u)
                 for a_, b_ in zip(a.split(rows, 1), b.split(rows, 1))
             ]
             return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)

@@ -407,6 +407,7 @@ def test_uuu_product_without_autograd_in_slices_of_rows_is_the_same(monkeypatch,
         monkeypatch.setattr(sparse_tp, "_OUTER_PRODUCT_ELEMENTS", 80)
         with torch.no_grad():
             sliced = tp(x1, x2, w)
+            assert tp(x1[:0], x2[:0], w[:0]).shape == (0, tp.irreps_out.dim)  # no rows: one empty slice
         torch.testing.assert_close(sliced, whole, rtol=0, atol=1e-12)
         want = _e3nn_with_path_scales(tp, x1, x2, w, _renormalised(tp, tp._kept))
         if out_layout == "ir_mul":
