@@ -26,9 +26,10 @@ class InteractionBlock(nn.Module):
       features with the spherical harmonics of the edge vector, weighted per edge by
       ``w_e = MLP([Bessel(|r_e|), pair invariants_e]) * cutoff(|r_e|)`` (weights vanish smoothly at the cutoff);
     * aggregate ``a_i = sum_e m_e / sqrt(avg_num_neighbors)`` over the pairs that end at i (the messages are
-      computed and summed component-major, ``ir_mul``, and only the per-node sums are put in e3nn's order);
+      computed and summed component-major, ``ir_mul``);
     * update ``y_i = Gate(Linear([a_i, x_i]))`` (+ ``x_i`` when ``irreps_in == irreps_out``), then an
-      :class:`EquivariantLayerNorm`.
+      :class:`EquivariantLayerNorm`; the linear map reads the sums component-major as they are (``x_i`` is
+      converted to that layout) and only its output is put in e3nn's order.
 
     The pair invariants (:class:`~metaham.nn.pair_gate.PairInvariants` of a ``pair_channels``-wide linear
     projection of the input features) feed the edge MLP with or without a pair gate. With ``pair_sparsity``
