@@ -39,6 +39,13 @@ def blocks(irreps: o3.Irreps | str) -> tuple[Block, ...]:
     return tuple(Block(int(mul), int(ir.l), int(ir.p), int(ir.dim)) for mul, ir in o3.Irreps(irreps))
 
 
+def check_layout(layout: str, name: str = "layout") -> str:
+    """``layout`` if it is one of :data:`LAYOUTS`, else a ValueError naming the argument ``name`` and the value."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"{name} must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
 def mul_ir_from_ir_mul(x: torch.Tensor, layout: Sequence[Block]) -> torch.Tensor:
     """``(N, dim)`` rows with every block stored ``ir_mul`` (component-major: ``2l + 1`` runs of ``mul``
     channels) -> the same rows in e3nn's ``mul_ir`` (``mul`` copies of ``2l + 1`` components).

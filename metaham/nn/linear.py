@@ -7,7 +7,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .layout import LAYOUTS, blocks
+from .layout import blocks, check_layout
 
 
 class EquivariantLinear(nn.Module):
@@ -29,9 +29,7 @@ class EquivariantLinear(nn.Module):
         self, irreps_in: o3.Irreps | str, irreps_out: o3.Irreps | str, bias: bool = True, layout: str = "mul_ir"
     ) -> None:
         super().__init__()
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.layout = layout
+        self.layout = check_layout(layout)
         self.irreps_in = o3.Irreps(irreps_in)
         self.irreps_out = o3.Irreps(irreps_out)
         self._in_blocks, self._out_blocks = blocks(self.irreps_in), blocks(self.irreps_out)

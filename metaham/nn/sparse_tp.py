@@ -51,7 +51,7 @@ import torch
 from e3nn import o3
 from torch import nn
 
-from .layout import LAYOUTS, blocks, ir_mul_from_mul_ir
+from .layout import blocks, check_layout, ir_mul_from_mul_ir
 
 PHASES = ("random", "adaptive", "fixed")
 MODES = ("uvu", "uvw", "uuu")
@@ -178,9 +178,7 @@ class SparseTensorProduct(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if out_layout not in LAYOUTS:
-            raise ValueError(f"out_layout must be one of {LAYOUTS}, got {out_layout!r}")
-        self.out_layout = out_layout
+        self.out_layout = check_layout(out_layout, "out_layout")
         self.irreps_in1 = o3.Irreps(irreps_in1)
         self.irreps_in2 = o3.Irreps(irreps_in2)
         self.irreps_out = o3.Irreps(irreps_out)
@@ -635,8 +633,7 @@ class SparseTensorProduct(nn.Module):
         if d1 == 1:
             # A scalar x1: each term is an outer product (x2 through the CG) x (x1 times the path's weight). The
             # weight meets the (n, 1, U) factor, so no (n, K, U) product is formed and then weighted.
-            k = cg.shape[-1]
-            t = (x2 @ cg.reshape(x2.shape[1], k)).reshape(n, k, 1)
+            t = _x2_through_cg(x2, cg).transpose(1, 2)  # (n, K, 1)
             scaled = a.reshape(n, 1, u)
             return [(i, part, scaled * w) for i, part, w in zip(outputs, t.split(dims, 1), weights)]
         joint = _against_one_x2_copy(a, x2, cg, component_major=True)
@@ -711,6 +708,12 @@ def _accumulate(
         totals[i] = term * factor if totals[i] is None else torch.addcmul(totals[i], term, factor)
 
 
+def _x2_through_cg(x2: torch.Tensor, cg: torch.Tensor) -> torch.Tensor:
+    """``x2 (n, d2)`` (one copy of each irrep) contracted with ``cg (d1, d2, K)``: ``(n, d1, K)``."""
+    d1, d2, k = cg.shape
+    return (x2 @ cg.transpose(0, 1).reshape(d2, d1 * k)).reshape(x2.shape[0], d1, k)
+
+
 def _component_major(block: torch.Tensor) -> torch.Tensor:
     """``(n, U, d)`` -> ``(d, n, U)``, contiguous."""
     return block.permute(2, 0, 1).contiguous()
@@ -722,9 +725,8 @@ def _against_one_x2_copy(
     """``x1`` block ``a (n, U, d1)`` times ``x2 (n, d2)`` (one copy of each irrep) through ``cg (d1, d2, K)``:
     ``(n, U, K)``, or ``(n, K, U)`` when ``component_major``. x2 meets the Clebsch-Gordan tensor first (no U
     factor), then one batched product with x1."""
-    n, _, d1 = a.shape
-    k = cg.shape[-1]
-    t = (x2 @ cg.transpose(0, 1).reshape(x2.shape[1], d1 * k)).reshape(n, d1, k)
+    d1 = a.shape[2]
+    t = _x2_through_cg(x2, cg)
     left, right = (t.transpose(1, 2), a.transpose(1, 2)) if component_major else (a, t)
     if d1 == 1:  # scalar x1: an outer product, where bmm is several times slower than a broadcast
         return left * right
