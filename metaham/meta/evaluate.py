@@ -220,30 +220,36 @@ def evaluate_adaptation(
     # rollouts are mapped back to the raw field, so runs with and without the units compare on one footing.
     units = task_units(tasks, config["train"]["task_scale"])
     meta_tasks = to_meta_tasks(tasks, units)  # the same views for every model
-    results = {}
-    bar = tqdm(total=len(models), desc="adapting", unit="model",
-               disable=bar_disabled(progress))
+    bar = tqdm(total=len(models), desc="adapting", unit="model", disable=bar_disabled(progress))
+    curves, adapted = {}, {}
     for name, (model, protocol) in models.items():
         outcomes = adapt_tasks(model, meta_tasks, steps=steps, lr=protocol["lr"],
                                loss=task_loss(config), metric=field_mse_halves, names=protocol["names"],
                                backtrack=backtrack)
-        curves = units.raw_mse(torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64))
-        adapted = [o.params for o in outcomes]
-        q_pred, p_pred, diverged = _rollouts(model, adapted, tasks, graph, units)
-        truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
-        truth_p = torch.stack([t.rollouts.p for t in tasks])
-        energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(len(tasks))])
-        state = run.checkpoints.get(name)
+        curves[name] = units.raw_mse(torch.tensor([o.query_loss for o in outcomes], dtype=torch.float64))
+        adapted[name] = [o.params for o in outcomes]
         bar.update(1)
+    bar.close()
+    # Every model's rollouts in one batch: the models share one architecture, so each implicit step calls the
+    # field once for all of them instead of once per model (the call, not the batch size, is what costs here).
+    n = len(tasks)
+    q_all, p_all = _rollouts(random_model, [params for name in models for params in adapted[name]],
+                             tasks * len(models), graph, units.take(list(range(n)) * len(models)))
+    truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
+    truth_p = torch.stack([t.rollouts.p for t in tasks])
+    results = {}
+    for k, name in enumerate(models):
+        q_pred, p_pred = q_all[k * n : (k + 1) * n], p_all[k * n : (k + 1) * n]
+        energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(n)])
+        state = run.checkpoints.get(name)
         results[name] = ModelResult(
-            curves=curves,
+            curves=curves[name],
             rollout_errors=rollout_relative_error(truth_q, truth_p, q_pred, p_pred).cpu(),
             energy_errors=energy_relative_error(energy.detach()).cpu(),
-            diverged=diverged,
+            diverged=_failed_trajectories(q_pred),
             example=(q_pred[0, 0].cpu(), p_pred[0, 0].cpu()),
             training_steps=int(state["step"]) if state is not None else None,
         )
-    bar.close()
 
     rollouts = tasks[0].rollouts
     t = rollouts.t
@@ -323,14 +329,15 @@ def _protocol(state: Mapping[str, Any], lr: float, device: torch.device) -> dict
 
 
 def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: list[Task], graph: Tensor,
-              units: TaskUnits):
-    """Roll out each task's adapted H, mapped from its task units to raw ones (the model learned H in those
-    units), from its rollouts' initial states on their time grid.
+              units: TaskUnits) -> tuple[Tensor, Tensor]:
+    """Roll out each adapted H (``adapted[i]``: parameters of ``model``'s architecture, fitted to ``tasks[i]``),
+    mapped from the task's units to raw ones (the model learned H in those units), from the task's rollout
+    initial states on their time grid.
 
-    Returns ``q, p`` ``(N, R, T, n, 2)`` and the number of trajectories whose integration failed (their states are
-    NaN from the failure on, which the metrics count as the worst error). All tasks with finite adapted weights run
-    as one batch (``vmap`` over the adapted parameters); a trajectory whose implicit step does not converge, or
-    whose state leaves the finite numbers, fails alone while the batch goes on.
+    Returns ``q, p`` ``(N, R, T, n, 2)``. Trajectories whose integration failed are NaN from the failure on (the
+    metrics count them as the worst error). All entries with finite adapted weights run as one batch (``vmap``
+    over the adapted parameters); a trajectory whose implicit step does not converge, or whose state leaves the
+    finite numbers, fails alone while the batch goes on.
     """
     t = tasks[0].rollouts.t
     q0 = torch.stack([task.rollouts.q[:, 0] for task in tasks])  # (N, R, n, 2)
@@ -346,8 +353,12 @@ def _rollouts(model: HamiltonianGNN, adapted: list[dict[str, Tensor]], tasks: li
     if rows:
         q[rows], p[rows] = _integrate(model, {k: v[rows] for k, v in stacked.items()},
                                       units.take(rows), q0[rows], p0[rows], t, graph)
-    diverged = int((~torch.isfinite(q).flatten(2).all(2)).sum())
-    return q, p, diverged
+    return q, p
+
+
+def _failed_trajectories(q: Tensor) -> int:
+    """How many rollouts of ``q`` ``(N, R, T, n, 2)`` have a non-finite state (failed, or not integrated)."""
+    return int((~torch.isfinite(q).flatten(2).all(2)).sum())
 
 
 def _integrate(model: HamiltonianGNN, stacked: dict[str, Tensor], units: TaskUnits, q0: Tensor, p0: Tensor,

@@ -111,7 +111,7 @@ def test_adapt_tasks_equals_adapting_one_task_at_a_time():
 def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
     from metaham.hamiltonian import HamiltonianGNN, edge_index
     from metaham.meta import TaskUnits
-    from metaham.meta.evaluate import _rollouts
+    from metaham.meta.evaluate import _failed_trajectories, _rollouts
     from tasks import PhasePoints, Rollouts, Task
 
     model = HamiltonianGNN(hidden=8, layers=1)
@@ -125,9 +125,9 @@ def test_a_model_whose_adaptation_diverged_spoils_only_its_own_rollouts():
     params = {name: value.detach() for name, value in model.named_parameters()}
     diverged = {name: value * float("nan") for name, value in params.items()}
     ones = torch.ones(3, dtype=torch.float64)
-    q, p, count = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1),
-                            TaskUnits(ones, ones, ones))
-    assert q.shape == (3, 2, 11, 1, 2) and count == 2
+    q, p = _rollouts(model, [params, diverged, params], [task(), task(), task()], edge_index(1),
+                     TaskUnits(ones, ones, ones))
+    assert q.shape == (3, 2, 11, 1, 2) and _failed_trajectories(q) == 2 and _failed_trajectories(q[[0, 2]]) == 0
     assert torch.isfinite(q[[0, 2]]).all() and torch.isnan(q[1]).all()
     rollouts = task().rollouts
     errors = rollout_relative_error(rollouts.q[None].expand(3, -1, -1, -1, -1), rollouts.p[None].expand(3, -1, -1, -1, -1), q, p)
@@ -204,6 +204,27 @@ def test_state_units_scale_q_p_and_the_field_by_their_support_rms():
     assert float(_units(float(field), float(q_unit), float(p_unit)).raw_mse(halves)) == pytest.approx(expected)
 
 
+def test_models_rolled_out_in_one_batch_match_their_rollouts_alone():
+    """evaluate_adaptation rolls out every model's adapted weights in one batch: each row's trajectory is its own
+    model's, to the fixed-point tolerance, whatever else shares the batch."""
+    from metaham.hamiltonian import HamiltonianGNN, edge_index
+    from metaham.meta import TaskUnits
+    from metaham.meta.evaluate import _rollouts
+
+    models = [HamiltonianGNN(hidden=8, layers=1).double() for _ in range(2)]
+    first, second = ({name: value.detach() for name, value in m.named_parameters()} for m in models)
+    t = torch.linspace(0, 1, 11, dtype=torch.float64)
+    tasks = [_phase_task("mass_spring", 1, 1, t) for _ in range(3)]
+    units = TaskUnits(*(torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64) for _ in range(3)))
+    q, p = _rollouts(models[0], [first, second, first], tasks, edge_index(1), units)
+    assert not torch.allclose(q[0], q[1])  # two different fields
+    for rows, params in (([0, 2], first), ([1], second)):
+        alone_q, alone_p = _rollouts(models[1], [params] * len(rows), [tasks[r] for r in rows], edge_index(1),
+                                     units.take(rows))
+        torch.testing.assert_close(q[rows], alone_q, rtol=0, atol=1e-11)
+        torch.testing.assert_close(p[rows], alone_p, rtol=0, atol=1e-11)
+
+
 def test_a_scaled_rollout_is_the_unit_field_run_for_scaled_time():
     """A task's model field times s, on the time grid t, is the plain field on the grid s t: the implicit
     midpoint step x1 = x0 + h s f((x0 + x1) / 2) is the step of size s h of f."""
@@ -214,9 +235,9 @@ def test_a_scaled_rollout_is_the_unit_field_run_for_scaled_time():
     model = HamiltonianGNN(hidden=8, layers=1).double()
     params = {name: value.detach() for name, value in model.named_parameters()}
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
-    scaled_q, scaled_p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
+    scaled_q, scaled_p = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
                                       _units(2.5))
-    q, p, _ = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, 2.5 * t)], edge_index(1), _units(1.0))
+    q, p = _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, 2.5 * t)], edge_index(1), _units(1.0))
     torch.testing.assert_close(scaled_q, q, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(scaled_p, p, rtol=1e-9, atol=1e-11)
     assert not torch.allclose(scaled_q, _rollouts(model, [params], [_phase_task("mass_spring", 1, 1, t)], edge_index(1),
@@ -234,10 +255,10 @@ def test_a_rollout_in_state_units_is_the_model_in_scaled_coordinates():
     params = {name: value.detach() for name, value in model.named_parameters()}
     t = torch.linspace(0, 1, 11, dtype=torch.float64)
     task = _phase_task("mass_spring", 1, 1, t)
-    q, p, _ = _rollouts(model, [params], [task], edge_index(1), _units(1.5, q=2.0, p=0.5))
+    q, p = _rollouts(model, [params], [task], edge_index(1), _units(1.5, q=2.0, p=0.5))
     scaled = _phase_task("mass_spring", 1, 1, t)
     scaled.rollouts.q.div_(2.0), scaled.rollouts.p.div_(0.5)
-    q_model, p_model, _ = _rollouts(model, [params], [scaled], edge_index(1), _units(1.5))
+    q_model, p_model = _rollouts(model, [params], [scaled], edge_index(1), _units(1.5))
     torch.testing.assert_close(q, 2.0 * q_model, rtol=1e-9, atol=1e-11)
     torch.testing.assert_close(p, 0.5 * p_model, rtol=1e-9, atol=1e-11)
 
