@@ -232,15 +232,14 @@ def evaluate_adaptation(
     bar.close()
     # Every model's rollouts in one batch: the models share one architecture, so each implicit step calls the
     # field once for all of them instead of once per model (the call, not the batch size, is what costs here).
-    n = len(tasks)
+    n_tasks = len(tasks)
     q_all, p_all = _rollouts(random_model, [params for name in models for params in adapted[name]],
-                             tasks * len(models), graph, units.take(list(range(n)) * len(models)))
+                             tasks * len(models), graph, units.take(list(range(n_tasks)) * len(models)))
     truth_q = torch.stack([t.rollouts.q for t in tasks])  # (N, R, T, n, 2)
     truth_p = torch.stack([t.rollouts.p for t in tasks])
     results = {}
-    for k, name in enumerate(models):
-        q_pred, p_pred = q_all[k * n : (k + 1) * n], p_all[k * n : (k + 1) * n]
-        energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(n)])
+    for name, q_pred, p_pred in zip(models, q_all.split(n_tasks), p_all.split(n_tasks)):  # model-major rows
+        energy = torch.stack([physics.hamiltonian(q_pred[i], p_pred[i], tasks[i].params) for i in range(n_tasks)])
         state = run.checkpoints.get(name)
         results[name] = ModelResult(
             curves=curves[name],
