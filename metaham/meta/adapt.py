@@ -142,17 +142,27 @@ def _stepper(loss, model, graph, names, lrs, backtrack: int, batched: bool):
 
     def step(params, support):
         grads, current = grad_and_loss(params, support)  # current: (tasks,) or ()
+        if not batched:
+            for halvings in range(backtrack + 1):
+                trial = {n: params[n] - 0.5**halvings * lrs[n] * grads[n] for n in names}
+                with torch.no_grad():
+                    if bool(loss_at({**params, **trial}, support) <= current):  # NaN never descends
+                        return {**params, **trial}
+            return params  # no halving descends: the step is skipped
         new = dict(params)  # tasks that never descend keep their parameters (the step is skipped)
-        done = torch.zeros_like(current, dtype=torch.bool)
+        left = torch.arange(current.numel(), device=current.device)  # tasks without a descending step yet
         for halvings in range(backtrack + 1):
-            # The per-task choice is made here, outside vmap, where the losses are concrete values.
-            trial = {n: params[n] - 0.5**halvings * lrs[n] * grads[n] for n in names}
+            # Only the tasks still left are tried again: on the pendulum ~40% of a step's tasks need a halving,
+            # and one of them is enough to start another round. The choice is made here, outside vmap, where the
+            # losses are concrete values.
+            base = {n: v[left] for n, v in params.items()}
+            trial = {n: base[n] - 0.5**halvings * lrs[n] * grads[n][left] for n in names}
             with torch.no_grad():
-                better = (loss_at({**params, **trial}, support) <= current) & ~done  # NaN never descends
+                better = loss_at({**base, **trial}, tuple(x[left] for x in support)) <= current[left]
             for n in names:
-                new[n] = torch.where(better.reshape(better.shape + (1,) * (trial[n].ndim - better.ndim)), trial[n], new[n])
-            done |= better
-            if bool(done.all()):
+                new[n] = new[n].index_copy(0, left[better], trial[n][better])
+            left = left[~better]
+            if left.numel() == 0:
                 break
         return new
 

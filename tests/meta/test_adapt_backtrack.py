@@ -83,3 +83,22 @@ def test_backtrack_must_be_a_non_negative_integer():
     model, task = make_linear_model(), linear_task()
     with pytest.raises(ValueError, match="backtrack"):
         adapt(model, task.support, task.query, loss=linear_loss, backtrack=-1)
+
+
+def test_only_tasks_still_without_a_descending_step_are_tried_again():
+    torch.manual_seed(2)
+    model = make_linear_model()
+    calm = linear_task(n_support=12)
+    x, y = linear_task(n_support=12).support
+    steep = MetaTask((10 * x, y), calm.query, None)  # only this task needs halvings
+    tried = []  # tasks in each trial evaluation (the ones under no_grad; the gradients' are under grad)
+
+    def recording_loss(model, params, data, graph):
+        inputs = data[0]
+        if not torch.is_grad_enabled() and torch._C._functorch.is_batchedtensor(inputs):
+            tried.append(torch._C._functorch.get_unwrapped(inputs).shape[0])
+        return linear_loss(model, params, data, graph)
+
+    lr = 0.05 * _unstable_lr(calm)  # 0.4x calm's stability limit, 40x steep's
+    adapt_tasks(model, [calm, steep], steps=1, lr=lr, loss=recording_loss, metric=linear_loss, backtrack=12)
+    assert tried[0] == 2 and len(tried) > 2 and set(tried[1:]) == {1}  # calm descends at once, steep does not
