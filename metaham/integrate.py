@@ -179,6 +179,16 @@ class _Midpoint:
     The test is the batch's: the largest change over the trajectories still running against
     ``tol * (1 + their largest |z|)``, so a batch where none fails takes the same iterations either way.
 
+    A trajectory whose iteration is not on course to converge fails before ``max_iters`` (as in the simplified
+    Newton iterations of Hairer & Wanner, Solving ODEs II, IV.8): the iteration converges linearly, so its change
+    shrinks by a rate theta each time. Between iteration 20 and the last 20, theta is read off the change from
+    iterations 2-3 to the latest; a trajectory still above the test whose change, shrinking at that rate, would not
+    pass it even in twice the iterations left (theta >= 1: never) is failed then, where it would otherwise have
+    held the whole batch to ``max_iters`` calls of f and failed anyway. The rates of these iterations improve near
+    the fixed point, and some alternate between two sizes of change: hence the late start, the margin of two and
+    the quiet end, each of which a rule tried on the rollouts of ``metaham adapt`` needed, so that no trajectory
+    that the full budget converges is failed there (docs/meta-learning.md, the rollouts bullet under "Results").
+
     The first guess decides how many iterations a step takes, not where they converge. A step's midpoint slope k
     is the last field value computed, z1 = z0 + h k. From the third step on, the guess extrapolates the last two
     slopes linearly in time to the new midpoint (error O(h^2) in the slope) and costs no call of f. The first two
@@ -213,7 +223,8 @@ class _Midpoint:
         """``z1`` and its midpoint slope, failed trajectories not yet frozen."""
         dq, dp = self._first_guess(q, p, h)
         q1, p1 = q + h * dq, p + h * dp
-        for _ in range(self.max_iters):
+        early = previous = None  # the largest change of iterations 2-3 (the 1st reflects the guess); the last one
+        for iteration in range(1, self.max_iters + 1):
             q1, p1 = self._freeze(q, p, q1, p1)
             dq, dp = self.f(0.5 * (q + q1), 0.5 * (p + p1))
             q_next, p_next = q + h * dq, p + h * dp
@@ -230,6 +241,22 @@ class _Midpoint:
             scale = 1.0 + float(size.max())
             if float(change.max()) <= self.tol * scale:
                 return q1, p1, dq, dp
+            left = self.max_iters - iteration
+            if iteration in (2, 3):
+                early = per_row if early is None else torch.maximum(early, per_row)
+            elif iteration >= _JUDGE_FROM and left >= _JUDGE_FROM:
+                # The larger of the last two changes: some iterations alternate between two sizes of change.
+                hopeless = (per_row > self.tol * scale) & _off_course(early, torch.maximum(previous, per_row),
+                                                                     iteration - 3, self.tol * scale, left)
+                if self.failed is None and bool(hopeless.any()):
+                    raise IntegrationError(
+                        f"implicit midpoint did not converge (change {float(change.max()):.3g} after {iteration} "
+                        f"iterations, shrinking too slowly to reach {self.tol * scale:.3g} in the {left} left); use a "
+                        "smaller step"
+                    )
+                if self.failed is not None:
+                    self.failed |= hopeless
+            previous = per_row
         if self.failed is None:
             raise IntegrationError(
                 f"implicit midpoint did not converge in {self.max_iters} iterations (last change "
@@ -244,6 +271,17 @@ class _Midpoint:
             return q1, p1
         gone = _per_trajectory(self.failed)
         return torch.where(gone, q, q1), torch.where(gone, p, p1)
+
+
+_JUDGE_FROM = 20  # no trajectory is judged off course in its first 20 iterations, nor in its last 20
+
+
+def _off_course(early: Tensor, latest: Tensor, iterations: int, target: float, left: int) -> Tensor:
+    """Trajectories whose change, shrinking from ``early`` to ``latest`` over ``iterations`` at a constant rate,
+    would still be above ``target`` after twice the ``left`` iterations (a rate >= 1: never below it). In logs,
+    where a change of 0 is -inf."""
+    log_rate = (latest.log() - early.log()) / iterations
+    return (log_rate >= 0) | (latest.log() + 2 * left * log_rate > math.log(target))
 
 
 def _row_max(x: Tensor) -> Tensor:

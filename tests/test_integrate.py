@@ -332,3 +332,33 @@ def test_implicit_midpoint_fails_only_the_trajectories_that_do_not_converge(stif
     energy = 0.5 * (q[:, [0, 2]] ** 2 + p[:, [0, 2]] ** 2).sum((-1, -2))
     torch.testing.assert_close(energy, energy[:1].expand_as(energy), rtol=1e-10, atol=0)
     assert not torch.allclose(q[-1, [0, 2]], q0[[0, 2]])
+
+
+def test_implicit_midpoint_fails_a_runaway_iteration_early_and_keeps_a_slow_one():
+    # Oscillators of frequency omega, one step of 1: the iteration's change shrinks by omega / 2 per iteration.
+    # omega = 3 never settles: it fails after 20 iterations, where the budget of 100 would hold the batch to
+    # 100 calls. omega = 1.4 (0.7 per iteration) needs ~80 of the 100: on course all along, so it converges.
+    calls = [0]
+
+    def field(omega):
+        w = torch.tensor(omega, dtype=torch.float64).view(-1, 1, 1)
+
+        def f(q, p):
+            calls[0] += 1
+            return w * p, -w * q
+
+        return f
+
+    t = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    q0 = torch.tensor([[[1.0, 0.0]], [[0.5, 0.0]]], dtype=torch.float64)
+    p0 = torch.zeros_like(q0)
+    q, _ = odeint_hamiltonian(field([0.5, 3.0]), q0, p0, t, "implicit_midpoint", failed_trajectories="nan")
+    assert torch.isnan(q[1, 1]).all() and torch.isfinite(q[1, 0]).all()
+    assert calls[0] <= 25, f"{calls[0]} calls of the field for one step"
+    with pytest.raises(RuntimeError, match="did not converge .* after 20 iterations"):
+        odeint_hamiltonian(field([0.5, 3.0]), q0, p0, t, "implicit_midpoint")
+    calls[0] = 0
+    q, p = odeint_hamiltonian(field([1.4]), q0[:1], p0[:1], t, "implicit_midpoint")
+    assert 60 < calls[0] <= 101
+    exact = torch.tensor([[1 - 0.7**2, -1.4]], dtype=torch.float64) / (1 + 0.7**2)  # the midpoint map, solved
+    torch.testing.assert_close(torch.cat([q[1, 0], p[1, 0]]).view(2, 2)[:, 0], exact[0], rtol=0, atol=1e-12)
