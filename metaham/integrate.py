@@ -185,9 +185,10 @@ class _Midpoint:
     iterations 2-3 to the latest; a trajectory still above the test whose change, shrinking at that rate, would not
     pass it even in twice the iterations left (theta >= 1: never) is failed then, where it would otherwise have
     held the whole batch to ``max_iters`` calls of f and failed anyway. The rates of these iterations improve near
-    the fixed point, and some alternate between two sizes of change: hence the late start, the margin of two and
-    the quiet end, each of which a rule tried on the rollouts of ``metaham adapt`` needed, so that no trajectory
-    that the full budget converges is failed there (docs/meta-learning.md, the rollouts bullet under "Results").
+    the fixed point, and some alternate between two sizes of change (hence the larger of the last two changes).
+    On the rollouts of ``metaham adapt`` where the rule was tried, judging from iteration 10, or to the end of the
+    budget, failed a trajectory that the full budget converges; this rule failed none (docs/meta-learning.md, the
+    rollouts bullet under "Results"). The margin of two is a safety factor on top.
 
     The first guess decides how many iterations a step takes, not where they converge. A step's midpoint slope k
     is the last field value computed, z1 = z0 + h k. From the third step on, the guess extrapolates the last two
