@@ -158,7 +158,7 @@ def _stepper(loss, model, graph, names, lrs, backtrack: int, batched: bool):
             base = {n: v[left] for n, v in params.items()}
             trial = {n: base[n] - 0.5**halvings * lrs[n] * grads[n][left] for n in names}
             with torch.no_grad():
-                better = loss_at({**base, **trial}, tuple(x[left] for x in support)) <= current[left]
+                better = loss_at({**base, **trial}, tuple(x[left] for x in support)) <= current[left]  # NaN: never
             for n in names:
                 new[n] = new[n].index_copy(0, left[better], trial[n][better])
             left = left[~better]
