@@ -13,10 +13,11 @@ Per molecule (then averaged over molecules, as QH9's test loop does with one mol
   (``eps[nocc]``) and their difference.
 
 Both routes solve the eigenproblem in float64. :func:`molecule_errors` does it batched for molecules of one
-size: one Cholesky factor ``S = L L^T`` serves prediction and target, ``eigh(L^-1 H L^-T)`` runs on the
-stacked pair, ``C = L^-T V`` (the same eigenpairs as QH9's Loewdin route, ``X = U s^-1/2``, up to each
-eigenvector's sign and the basis chosen within a degenerate level -- which no metric that QH9 defines can tell
-apart except ``psi`` on exactly degenerate orbitals, where QH9's own number depends on the LAPACK build).
+size: one Cholesky factor ``S = L L^T`` serves prediction and target, the lowest eigenpairs of
+``L^-1 H L^-T`` (the occupied orbitals and the LUMO, :mod:`metaham.qh9.eigensolve`) are found for the stacked
+pair, ``C = L^-T V`` (the same eigenpairs as QH9's Loewdin route, ``X = U s^-1/2``, up to each eigenvector's sign
+and the basis chosen within a degenerate level -- which no metric that QH9 defines can tell apart except ``psi``
+on exactly degenerate orbitals, where QH9's own number depends on the LAPACK build and the solver).
 :func:`reference_errors` is QH9's test route, one molecule at a time (pyscf ``Mole`` for the overlap, Loewdin
 with eigenvalues clamped at 1e-8, two eigensolves per matrix); the benchmark measures one against the other.
 """
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .basis import BASIS, ao_atom_index, n_occupied
+from .eigensolve import lowest_eigenpairs, orthonormal_problem
 
 MICRO = 1e6  # Hartree -> micro-Hartree
 # Per-molecule error -> name of its mean in a summary (micro-Hartree; psi in percent).
@@ -59,11 +61,12 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
     m, n, _ = S.shape
     nocc = nocc.to(S.device)
     H = torch.stack([H_pred, H_true])
-    # eigh reads one triangle and a prediction need not be exactly symmetric: symmetrise it first.
+    # The solvers read one triangle and a prediction need not be exactly symmetric: symmetrise it first.
     L, A = orthonormal_problem(0.5 * (H + H.mT), S)
-    eps, V = torch.linalg.eigh(A, UPLO="L")
-    k = int(nocc.max())  # psi looks at occupied orbitals only: back-transform just those columns
-    C = torch.linalg.solve_triangular(L.mT, V[..., :k], upper=True)  # (2, m, n, k), columns are orbitals
+    # Only what the metrics read: the occupied orbitals' energies and coefficients, and the LUMO's energy.
+    k = int(nocc.max())
+    eps, V = lowest_eigenpairs(A, min(k + 1, n), k)  # (2, m, k + 1), (2, m, n, k)
+    C = torch.linalg.solve_triangular(L.mT, V, upper=True)  # (2, m, n, k), columns are orbitals
 
     abs_err = (H_pred - H_true).abs()
     same_atom = atom_of[:, :, None] == atom_of[:, None, :]
@@ -71,11 +74,12 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
     h_diag = (abs_err * same_atom).sum((1, 2)) / n_diag
     h_off = (abs_err * ~same_atom).sum((1, 2)) / (n * n - n_diag)  # 0/0 = nan for a single atom
 
-    occupied = (torch.arange(n, device=S.device)[None, :] < nocc[:, None]).to(f64)
+    occupied = (torch.arange(eps.shape[-1], device=S.device)[None, :] < nocc[:, None]).to(f64)
     eps_err = (eps[0] - eps[1]).abs()
     cos = (C[0] * C[1]).sum(1).abs() / (C[0].norm(dim=1) * C[1].norm(dim=1))  # (m, k)
     rows = torch.arange(m, device=S.device)
-    homo = eps[:, rows, nocc - 1]
+    homo = eps[:, rows, (nocc - 1).clamp(min=0)]
+    homo = torch.where(nocc > 0, homo, torch.full_like(homo, float("nan")))  # no electron pair: no HOMO
     lumo = eps[:, rows, nocc.clamp(max=n - 1)]
     lumo = torch.where(nocc < n, lumo, torch.full_like(lumo, float("nan")))  # no virtual orbital: no LUMO
     return {
@@ -88,47 +92,6 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
         "lumo_err": (lumo[0] - lumo[1]).abs(),
         "gap_err": ((lumo[0] - homo[0]) - (lumo[1] - homo[1])).abs(),
     }
-
-
-def orthonormal_problem(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    """The generalized problems ``H C = S C eps`` as ordinary ones: the Cholesky factors ``L`` ``(m, n, n)`` of
-    ``S = L L^T`` and ``A = L^-1 H L^-T`` ``(2, m, n, n)`` for the two symmetric matrices ``H`` ``(2, m, n, n)``
-    of each molecule, float64; only ``A``'s lower triangle is defined (``eigh(A, UPLO="L")``).
-
-    On a CPU this is LAPACK's own reduction (scipy's ``dsygst``, one molecule at a time), faster than two batched
-    triangular solves (docs/benchmarks.md, "The CPU allocator and the LAPACK reduction"); on other devices it is
-    torch's triangular solves, where the matrices are. :class:`ValueError` names the molecules (positions in the
-    batch) whose overlap is not positive definite.
-    """
-    return (_lapack_reduction if S.device.type == "cpu" else _torch_reduction)(H, S)
-
-
-def _torch_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    L, info = torch.linalg.cholesky_ex(S)
-    _check_positive(info.cpu().numpy())
-    return L, torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, H, upper=False), upper=True, left=False)
-
-
-def _lapack_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
-    from scipy.linalg import lapack
-
-    S_np, H_np = S.detach().numpy(), H.detach().numpy()  # metrics: no gradient flows through them
-    L, A = np.zeros_like(S_np), np.empty_like(H_np)
-    info = np.zeros(len(S_np), dtype=np.int64)
-    for b in range(len(S_np)):
-        factor, info[b] = lapack.dpotrf(S_np[b], lower=1)  # the upper triangle comes back zeroed
-        if info[b] == 0:
-            L[b] = factor
-            for h in range(len(H_np)):
-                A[h, b] = lapack.dsygst(H_np[h, b], factor, itype=1, lower=1)[0]
-    _check_positive(info)
-    return torch.from_numpy(L), torch.from_numpy(A)
-
-
-def _check_positive(info: np.ndarray) -> None:
-    bad = np.nonzero(info)[0].tolist()
-    if bad:
-        raise ValueError(f"overlap matrix not positive definite for molecule(s) {bad} of the batch (atoms too close?)")
 
 
 def summarize(per_molecule: dict[str, np.ndarray]) -> dict[str, float]:

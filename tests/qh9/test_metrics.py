@@ -134,7 +134,7 @@ def test_equal_size_molecules_with_different_occupation_in_one_call():
 def test_lapack_and_torch_reductions_agree():
     """The CPU route (LAPACK's dsygst) and the route of other devices (torch's triangular solves) give the same
     factor and reduced matrices, and both name the molecule whose overlap is not positive definite."""
-    from metaham.qh9.metrics import _lapack_reduction, _torch_reduction
+    from metaham.qh9.eigensolve import _lapack_reduction, _torch_reduction
 
     rng = np.random.default_rng(0)
     B = rng.normal(size=(3, 12, 12))
