@@ -8,8 +8,9 @@ the few lowest eigenpairs the metrics read.
 
 On a CPU both run LAPACK through scipy, one matrix at a time (its own reduction, ``dsygst``, and LAPACK's route
 to a few eigenpairs, below), faster than torch's batched calls on these sizes (docs/benchmarks.md, "The CPU
-allocator and the LAPACK reduction" and "The lowest eigenpairs only"); on other devices they are torch's
-triangular solves and ``torch.linalg.eigh``, where the matrices are.
+allocator and the LAPACK reduction" and "The lowest eigenpairs only"), with scipy's BLAS held to one thread
+(:func:`one_blas_thread`); on other devices they are torch's triangular solves and ``torch.linalg.eigh``, where
+the matrices are.
 
 >>> import torch
 >>> S = torch.eye(3, dtype=torch.float64)[None]
@@ -20,6 +21,8 @@ triangular solves and ``torch.linalg.eigh``, where the matrices are.
 ([[[-1.0, 2.0]]], [0.0, 1.0, 0.0])
 """
 from __future__ import annotations
+
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -78,14 +81,15 @@ def _lapack_lowest(A: Tensor, n_values: int, n_vectors: int) -> tuple[Tensor, Te
     tridiagonal_vectors = np.empty((count, n, n_vectors))
     failed = []  # matrices to solve with torch.linalg.eigh instead
     lwork = int(lapack.dsytrd_lwork(n, lower=1)[0])
-    for i, a in enumerate(flat.numpy()):
-        reduced, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=lwork)
-        pairs = _tridiagonal_lowest(d, e, n_values, n_vectors) if info == 0 else None
-        if pairs is None:
-            failed.append(i)
-            continue
-        values[i], tridiagonal_vectors[i] = pairs
-        reflectors[i], taus[i] = reduced, tau
+    with one_blas_thread():
+        for i, a in enumerate(flat.numpy()):
+            reduced, d, e, tau, info = lapack.dsytrd(a, lower=1, lwork=lwork)
+            pairs = _tridiagonal_lowest(d, e, n_values, n_vectors) if info == 0 else None
+            if pairs is None:
+                failed.append(i)
+                continue
+            values[i], tridiagonal_vectors[i] = pairs
+            reflectors[i], taus[i] = reduced, tau
     # Inverse iteration's known weakness is orthogonality within tight clusters of eigenvalues (dstein
     # re-orthogonalises within a cluster; checked here all the same, one small batched product).
     Z = torch.from_numpy(tridiagonal_vectors)
@@ -143,6 +147,26 @@ def _tridiagonal_lowest(d: np.ndarray, e: np.ndarray, n_values: int, n_vectors: 
     return w[lowest], vectors
 
 
+def one_blas_thread():
+    """A context in which scipy's and numpy's BLAS (OpenBLAS, with its own thread pool) run on one thread.
+
+    These LAPACK calls work on ~100 x 100 matrices, too small to share: with the pool's default of one thread per
+    core, its threads spend the time waiting on each other, and on torch's threads where torch runs several.
+    On the 2-core VM, the metrics step took 2.30 ms per molecule with torch at one thread and 4.31 at two,
+    against 2.06 and 1.90 with OpenBLAS at one thread (docs/benchmarks.md, "One BLAS thread for the metrics").
+    Libraries not loaded yet when it is first used are left alone; torch's own MKL is not a pool this sees.
+    """
+    return _thread_pools().limit(limits=1, user_api="blas")
+
+
+@lru_cache(maxsize=None)
+def _thread_pools():
+    from scipy.linalg import lapack  # noqa: F401 -- loaded first, so that its BLAS is among the pools found
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
 def _torch_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     L, info = torch.linalg.cholesky_ex(S)
     _check_positive(info.cpu().numpy())
@@ -155,12 +179,13 @@ def _lapack_reduction(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     S_np, H_np = S.detach().numpy(), H.detach().numpy()  # metrics: no gradient flows through them
     L, A = np.zeros_like(S_np), np.empty_like(H_np)
     info = np.zeros(len(S_np), dtype=np.int64)
-    for b in range(len(S_np)):
-        factor, info[b] = lapack.dpotrf(S_np[b], lower=1)  # the upper triangle comes back zeroed
-        if info[b] == 0:
-            L[b] = factor
-            for h in range(len(H_np)):
-                A[h, b] = lapack.dsygst(H_np[h, b], factor, itype=1, lower=1)[0]
+    with one_blas_thread():
+        for b in range(len(S_np)):
+            factor, info[b] = lapack.dpotrf(S_np[b], lower=1)  # the upper triangle comes back zeroed
+            if info[b] == 0:
+                L[b] = factor
+                for h in range(len(H_np)):
+                    A[h, b] = lapack.dsygst(H_np[h, b], factor, itype=1, lower=1)[0]
     _check_positive(info)
     return torch.from_numpy(L), torch.from_numpy(A)
 

@@ -104,3 +104,34 @@ def test_vectors_that_come_out_less_than_orthonormal_are_solved_by_eigh(monkeypa
     values, vectors = lowest_eigenpairs(A, 5, 4)
     assert len(calls) == 3
     _assert_eigenpairs(A, values, vectors)
+
+
+def test_lapack_calls_run_on_one_blas_thread(monkeypatch):
+    """The per-matrix LAPACK calls run with scipy's BLAS pool at one thread (threads of a pool sized for the
+    machine only wait on each other on matrices this small), and the pool is as it was afterwards."""
+    from scipy.linalg import lapack
+    from threadpoolctl import threadpool_info
+
+    from metaham.qh9.eigensolve import orthonormal_problem
+
+    def blas_threads() -> list[int]:
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before, "no BLAS pool found: scipy's LAPACK should bring one"
+    seen = []
+    for name in ("dsytrd", "dsygst"):
+        original = getattr(lapack, name)
+
+        def spy(*args, _original=original, **kwargs):
+            seen.append(blas_threads())
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(lapack, name, spy)
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(2, 9, 9, dtype=torch.float64, generator=g)
+    S = B @ B.mT / 9 + torch.eye(9, dtype=torch.float64)
+    _, A = orthonormal_problem(_symmetric(g, 2, 2, 9, 9), S)
+    lowest_eigenpairs(A, 3, 2)
+    assert len(seen) == 8 and all(threads and set(threads) == {1} for threads in seen)
+    assert blas_threads() == before
