@@ -31,6 +31,9 @@ from torch import Tensor
 _ULP = np.finfo(np.float64).eps
 _SAFE_MIN = np.finfo(np.float64).tiny
 _ORTHONORMAL_TOL = 1e-10  # largest |V^T V - I| entry accepted from inverse iteration
+# Below this size a full eigh is faster: timed on the 73 G2 molecules' def2-SVP matrices (10-114 AOs), the
+# tridiagonal route broke even at about 80 AOs (docs/benchmarks.md, "The lowest eigenpairs only").
+_TRIDIAGONAL_FROM = 80
 
 
 def orthonormal_problem(H: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
@@ -58,12 +61,13 @@ def lowest_eigenpairs(A: Tensor, n_values: int, n_vectors: int) -> tuple[Tensor,
     finds all eigenvalues faster than bisection finds a quarter of them; the full ``eigh`` spends most of its
     time on the vectors no metric reads. A matrix that LAPACK reports a failure for (e.g. non-finite entries),
     or whose vectors come out less than orthonormal, goes to ``torch.linalg.eigh`` (which then raises where it
-    would have). Elsewhere: ``torch.linalg.eigh``, sliced.
+    would have). Matrices smaller than 80 x 80, where a full ``eigh`` is faster, and other devices:
+    ``torch.linalg.eigh``, sliced.
     """
     n = A.shape[-1]
     if not 0 <= n_vectors <= n_values <= n:
         raise ValueError(f"need 0 <= n_vectors ({n_vectors}) <= n_values ({n_values}) <= n ({n})")
-    if A.device.type != "cpu" or n < 2:
+    if A.device.type != "cpu" or n < _TRIDIAGONAL_FROM:
         eps, V = torch.linalg.eigh(A, UPLO="L")
         return eps[..., :n_values], V[..., :n_vectors]
     return _lapack_lowest(A, n_values, n_vectors)

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from metaham.qh9.eigensolve import _tridiagonal_lowest, lowest_eigenpairs
+from metaham.qh9 import eigensolve
+from metaham.qh9.eigensolve import _lapack_lowest, _tridiagonal_lowest, lowest_eigenpairs
 
 
 def _symmetric(generator: torch.Generator, *shape: int) -> torch.Tensor:
@@ -20,15 +21,24 @@ def _assert_eigenpairs(A: torch.Tensor, values: torch.Tensor, vectors: torch.Ten
     assert torch.allclose(A @ vectors, vectors * values[..., None, :k], rtol=0, atol=1e-11)
 
 
-def test_lowest_eigenpairs_equal_eigh():
+def test_lowest_eigenpairs_equal_eigh(monkeypatch):
+    """From 80 x 80 on a CPU the tridiagonal route runs (a spy counts it); smaller matrices get eigh itself."""
+    routed = []
+    monkeypatch.setattr(eigensolve, "_lapack_lowest", lambda *a: routed.append(a) or _lapack_lowest(*a))
     g = torch.Generator().manual_seed(0)
-    A = _symmetric(g, 2, 3, 40, 40)
-    values, vectors = lowest_eigenpairs(torch.tril(A), 11, 10)  # only the lower triangle is read
-    assert values.shape == (2, 3, 11) and vectors.shape == (2, 3, 40, 10)
+    A = _symmetric(g, 2, 3, 90, 90)
+    values, vectors = lowest_eigenpairs(torch.tril(A), 21, 20)  # only the lower triangle is read
+    assert len(routed) == 1
+    assert values.shape == (2, 3, 21) and vectors.shape == (2, 3, 90, 20)
     _assert_eigenpairs(A, values, vectors)
     # Random matrices have simple eigenvalues: each vector is eigh's up to its sign.
-    reference = torch.linalg.eigh(A).eigenvectors[..., :10]
-    assert torch.allclose((vectors * reference).sum(-2).abs(), torch.ones(2, 3, 10, dtype=A.dtype), atol=1e-10)
+    reference = torch.linalg.eigh(A).eigenvectors[..., :20]
+    assert torch.allclose((vectors * reference).sum(-2).abs(), torch.ones(2, 3, 20, dtype=A.dtype), atol=1e-10)
+    small = A[..., :40, :40]
+    values, vectors = lowest_eigenpairs(small, 5, 4)
+    assert len(routed) == 1
+    expected = torch.linalg.eigh(small, UPLO="L")
+    assert torch.equal(values, expected.eigenvalues[..., :5]) and torch.equal(vectors, expected.eigenvectors[..., :4])
 
 
 def test_degenerate_levels_and_reducible_matrices():
@@ -37,7 +47,7 @@ def test_degenerate_levels_and_reducible_matrices():
     g = torch.Generator().manual_seed(1)
     B = _symmetric(g, 6, 6)
     for A in (torch.block_diag(B, B), torch.block_diag(torch.tensor([[-9.0]], dtype=torch.float64), B)):
-        values, vectors = lowest_eigenpairs(A, 6, 5)
+        values, vectors = _lapack_lowest(A, 6, 5)
         _assert_eigenpairs(A, values, vectors)
 
 
@@ -61,9 +71,9 @@ def test_split_tridiagonal_matrix_with_levels_shared_between_blocks():
 def test_edge_sizes_and_bad_requests():
     g = torch.Generator().manual_seed(2)
     A = _symmetric(g, 4, 8, 8)
-    values, vectors = lowest_eigenpairs(A, 8, 8)  # the whole spectrum
+    values, vectors = _lapack_lowest(A, 8, 8)  # the whole spectrum
     _assert_eigenpairs(A, values, vectors)
-    values, vectors = lowest_eigenpairs(A, 1, 0)
+    values, vectors = _lapack_lowest(A, 1, 0)
     assert vectors.shape == (4, 8, 0)
     assert torch.allclose(values[..., 0], torch.linalg.eigvalsh(A)[..., 0], atol=1e-12)
     one = torch.tensor([[[2.5]]], dtype=torch.float64)
@@ -80,14 +90,12 @@ def test_non_finite_matrix_fails_as_eigh_does():
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.eigh(A, UPLO="L")
     with pytest.raises(torch.linalg.LinAlgError):
-        lowest_eigenpairs(A, 4, 3)
+        _lapack_lowest(A, 4, 3)
 
 
 def test_vectors_that_come_out_less_than_orthonormal_are_solved_by_eigh(monkeypatch):
     """The guard against inverse iteration's weakness on tight clusters: a matrix whose tridiagonal vectors are
     not orthonormal is solved by eigh instead, and the others of the batch are untouched."""
-    from metaham.qh9 import eigensolve
-
     g = torch.Generator().manual_seed(4)
     A = _symmetric(g, 3, 12, 12)
     calls = []
@@ -101,7 +109,7 @@ def test_vectors_that_come_out_less_than_orthonormal_are_solved_by_eigh(monkeypa
         return values, vectors
 
     monkeypatch.setattr(eigensolve, "_tridiagonal_lowest", spoiled_second)
-    values, vectors = lowest_eigenpairs(A, 5, 4)
+    values, vectors = _lapack_lowest(A, 5, 4)
     assert len(calls) == 3
     _assert_eigenpairs(A, values, vectors)
 
@@ -132,6 +140,6 @@ def test_lapack_calls_run_on_one_blas_thread(monkeypatch):
     B = torch.randn(2, 9, 9, dtype=torch.float64, generator=g)
     S = B @ B.mT / 9 + torch.eye(9, dtype=torch.float64)
     _, A = orthonormal_problem(_symmetric(g, 2, 2, 9, 9), S)
-    lowest_eigenpairs(A, 3, 2)
+    _lapack_lowest(A, 3, 2)
     assert len(seen) == 8 and all(threads and set(threads) == {1} for threads in seen)
     assert blas_threads() == before

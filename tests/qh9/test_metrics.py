@@ -131,6 +131,36 @@ def test_equal_size_molecules_with_different_occupation_in_one_call():
             assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
 
 
+def test_molecules_large_enough_for_the_tridiagonal_route_equal_scipy(monkeypatch):
+    """Benzene (114 AOs) and acetone (86), displaced, two conformers each: the CPU route that computes only
+    the lowest eigenpairs (from 80 AOs on) gives scipy's generalized eigh's metrics."""
+    from metaham.qh9 import eigensolve
+    from metaham.qh9.formats import Record
+    from metaham.qh9.generate import conformer, g2_molecules
+
+    routed = []
+    original = eigensolve._lapack_lowest
+    monkeypatch.setattr(eigensolve, "_lapack_lowest", lambda *a: routed.append(a[0].shape) or original(*a))
+    records = []
+    for m in g2_molecules(["C6H6", "CH3COCH3"]):
+        for k in range(2):
+            pos = conformer(m, k + 1, 0.05, seed=0)
+            atoms = [[int(z), tuple(p)] for z, p in zip(m.Z, pos)]
+            mol = gto.M(atom=atoms, basis="def2-svp", unit="Angstrom", verbose=0)
+            H_core = mol.intor("int1e_kin") + mol.intor("int1e_nuc")
+            records.append(Record(len(records), np.asarray(m.Z), pos, H_core, None, m.name, k))
+    assert sorted({r.norb for r in records}) == [86, 114]
+    predictions = _noisy(records, 1e-2, seed=5)
+    evaluator = Evaluator()
+    evaluator.add_records(records, predictions)
+    ours = evaluator.per_molecule()
+    assert sorted(shape[-1] for shape in routed) == [86, 114]
+    for i, (record, H_pred) in enumerate(zip(records, predictions)):
+        expected = _scipy_errors(H_pred, record)
+        for key in SUMMARY_NAMES:
+            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
+
+
 def test_lapack_and_torch_reductions_agree():
     """The CPU route (LAPACK's dsygst) and the route of other devices (torch's triangular solves) give the same
     factor and reduced matrices, and both name the molecule whose overlap is not positive definite."""
