@@ -55,11 +55,18 @@ def molecule_errors(H_pred: Tensor, H_true: Tensor, S: Tensor, atom_of: Tensor, 
 
     Returns:
         :data:`SUMMARY_NAMES`' keys -> ``(m,)`` float64 tensors (Hartree; ``psi_cos`` a fraction in [0, 1]).
+
+    Raises:
+        ValueError: naming the molecules (positions in the batch) whose prediction holds a NaN or an infinity, or
+            whose overlap is not positive definite.
     """
     f64 = torch.float64
     H_pred, H_true, S = H_pred.to(f64), H_true.to(f64), S.to(f64)
     m, n, _ = S.shape
     nocc = nocc.to(S.device)
+    bad = torch.nonzero(~torch.isfinite(H_pred).flatten(1).all(1)).flatten().tolist()
+    if bad:
+        raise ValueError(f"predicted matrix holds a non-finite value (NaN or inf) for molecule(s) {bad} of the batch")
     H = torch.stack([H_pred, H_true])
     # The solvers read one triangle and a prediction need not be exactly symmetric: symmetrise it first.
     L, A = orthonormal_problem(0.5 * (H + H.mT), S)

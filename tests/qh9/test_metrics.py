@@ -89,6 +89,12 @@ def test_prediction_shape_and_singular_overlap_are_errors(generated):
     with pytest.raises(ValueError, match="not positive definite"):
         zeros = torch.zeros(1, 3, 3)
         molecule_errors(zeros, zeros, S, torch.zeros(1, 3, dtype=torch.long), torch.tensor([1]))
+    # A diverged model's NaN (or inf) is named, with its row, not left to fail inside an eigensolver.
+    evaluator = Evaluator(group_size=2)
+    evaluator.add(record.id, record.Z, record.pos, record.H, record.H)
+    with pytest.raises(ValueError, match=r"rows \[1, 7\]: predicted matrix holds a non-finite value \(NaN or inf\) "
+                       r"for molecule\(s\) \[1\] of the batch"):
+        evaluator.add(7, record.Z, record.pos, record.H, np.where(np.eye(record.norb) > 0, np.inf, record.H))
 
 
 def test_evaluate_model_and_saved_predictions(generated, tmp_path):
