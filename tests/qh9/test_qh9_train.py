@@ -104,6 +104,15 @@ def test_cli_train_then_eval_with_saved_predictions(water, tmp_path, capsys):
     assert main(["qh9", "eval", "--checkpoint", str(run), "--tp-backend", "cuequivariance", "--device", "cpu"]) == 2
     assert "in the 'random' phase" in capsys.readouterr().err
 
+    # A model whose weights went NaN (by hand here) predicts NaN: one line naming the rows, exit 2.
+    for name in ("best.pt", "last.pt"):
+        state = torch.load(run / name, weights_only=False)
+        state["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v for k, v in state["model"].items()}
+        torch.save(state, run / name)
+    assert main(["qh9", "eval", "--checkpoint", str(run), "--split", "all", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "predicted matrix holds a non-finite value (NaN or inf)" in err
+
 
 def test_eval_with_the_cuequivariance_backend_scores_the_same(water, tmp_path, capsys):
     pytest.importorskip("cuequivariance_torch")
