@@ -22,6 +22,7 @@ the matrices are.
 """
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from functools import lru_cache
 
 import numpy as np
@@ -111,7 +112,9 @@ def _lapack_lowest(A: Tensor, n_values: int, n_vectors: int) -> tuple[Tensor, Te
     return torch.from_numpy(values).reshape(*batch, n_values), V.reshape(*batch, n, n_vectors)
 
 
-def _tridiagonal_lowest(d: np.ndarray, e: np.ndarray, n_values: int, n_vectors: int):
+def _tridiagonal_lowest(
+    d: np.ndarray, e: np.ndarray, n_values: int, n_vectors: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The lowest eigenpairs of the symmetric tridiagonal matrix with diagonal ``d`` and off-diagonal ``e``:
     ``(values (n_values,), vectors (n, n_vectors))``, or None where LAPACK reports a failure.
 
@@ -151,7 +154,7 @@ def _tridiagonal_lowest(d: np.ndarray, e: np.ndarray, n_values: int, n_vectors: 
     return w[lowest], vectors
 
 
-def one_blas_thread():
+def one_blas_thread() -> AbstractContextManager:
     """A context in which scipy's and numpy's BLAS (OpenBLAS, with its own thread pool) run on one thread.
 
     These LAPACK calls work on ~100 x 100 matrices, too small to share: with the pool's default of one thread per
