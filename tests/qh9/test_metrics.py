@@ -46,6 +46,33 @@ def _scipy_errors(H_pred, record):
     }
 
 
+def _core_hamiltonian_records(names, conformers):
+    """Records of displaced G2 conformers (1, 2, ...) of ``names`` with their def2-SVP core Hamiltonians as H."""
+    from metaham.qh9.formats import Record
+    from metaham.qh9.generate import conformer, g2_molecules
+
+    records = []
+    for m in g2_molecules(names):
+        for k in range(conformers):
+            pos = conformer(m, k + 1, 0.05, seed=0)
+            atoms = [[int(z), tuple(p)] for z, p in zip(m.Z, pos)]
+            mol = gto.M(atom=atoms, basis="def2-svp", unit="Angstrom", verbose=0)
+            H_core = mol.intor("int1e_kin") + mol.intor("int1e_nuc")
+            records.append(Record(len(records), np.asarray(m.Z), pos, H_core, None, m.name, k))
+    return records
+
+
+def _assert_evaluator_equals_scipy(records, predictions):
+    """Every metric of every molecule, scored by one Evaluator, equals :func:`_scipy_errors`."""
+    evaluator = Evaluator()
+    evaluator.add_records(records, predictions)
+    ours = evaluator.per_molecule()
+    for i, (record, H_pred) in enumerate(zip(records, predictions)):
+        expected = _scipy_errors(H_pred, record)
+        for key in SUMMARY_NAMES:
+            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
+
+
 def test_metrics_equal_independent_scipy_computation(generated):
     path, _ = generated
     with open_qh9(path) as f:
@@ -117,54 +144,23 @@ def test_evaluate_model_and_saved_predictions(generated, tmp_path):
 def test_equal_size_molecules_with_different_occupation_in_one_call():
     """H2CO and H2O2 both have 38 AOs but 8 and 9 occupied orbitals: one batched call scores each with its own.
     Displaced geometries: no symmetry, so no degenerate orbitals whose basis LAPACK may choose freely."""
-    from metaham.qh9.formats import Record
-    from metaham.qh9.generate import conformer, g2_molecules
-
-    records = []
-    for k, m in enumerate(g2_molecules(["H2CO", "H2O2"])):
-        pos = conformer(m, 1, 0.05, seed=0)
-        mol = gto.M(atom=[[int(z), tuple(p)] for z, p in zip(m.Z, pos)], basis="def2-svp", unit="Angstrom", verbose=0)
-        H_core = mol.intor("int1e_kin") + mol.intor("int1e_nuc")
-        records.append(Record(k, np.asarray(m.Z), pos, H_core, None, m.name, 0))
+    records = _core_hamiltonian_records(["H2CO", "H2O2"], conformers=1)
     assert [r.norb for r in records] == [38, 38]
-    predictions = _noisy(records, 1e-2, seed=3)
-    evaluator = Evaluator()
-    evaluator.add_records(records, predictions)
-    ours = evaluator.per_molecule()
-    for i, (record, H_pred) in enumerate(zip(records, predictions)):
-        expected = _scipy_errors(H_pred, record)
-        for key in SUMMARY_NAMES:
-            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
+    _assert_evaluator_equals_scipy(records, _noisy(records, 1e-2, seed=3))
 
 
 def test_molecules_large_enough_for_the_tridiagonal_route_equal_scipy(monkeypatch):
     """Benzene (114 AOs) and acetone (86), displaced, two conformers each: the CPU route that computes only
     the lowest eigenpairs (from 80 AOs on) gives scipy's generalized eigh's metrics."""
     from metaham.qh9 import eigensolve
-    from metaham.qh9.formats import Record
-    from metaham.qh9.generate import conformer, g2_molecules
 
     routed = []
     original = eigensolve._lapack_lowest
     monkeypatch.setattr(eigensolve, "_lapack_lowest", lambda *a: routed.append(a[0].shape) or original(*a))
-    records = []
-    for m in g2_molecules(["C6H6", "CH3COCH3"]):
-        for k in range(2):
-            pos = conformer(m, k + 1, 0.05, seed=0)
-            atoms = [[int(z), tuple(p)] for z, p in zip(m.Z, pos)]
-            mol = gto.M(atom=atoms, basis="def2-svp", unit="Angstrom", verbose=0)
-            H_core = mol.intor("int1e_kin") + mol.intor("int1e_nuc")
-            records.append(Record(len(records), np.asarray(m.Z), pos, H_core, None, m.name, k))
+    records = _core_hamiltonian_records(["C6H6", "CH3COCH3"], conformers=2)
     assert sorted({r.norb for r in records}) == [86, 114]
-    predictions = _noisy(records, 1e-2, seed=5)
-    evaluator = Evaluator()
-    evaluator.add_records(records, predictions)
-    ours = evaluator.per_molecule()
+    _assert_evaluator_equals_scipy(records, _noisy(records, 1e-2, seed=5))
     assert sorted(shape[-1] for shape in routed) == [86, 114]
-    for i, (record, H_pred) in enumerate(zip(records, predictions)):
-        expected = _scipy_errors(H_pred, record)
-        for key in SUMMARY_NAMES:
-            assert ours[key][i] == pytest.approx(expected[key], rel=1e-9, abs=1e-13), (record.molecule, key)
 
 
 def test_lapack_and_torch_reductions_agree():
