@@ -23,7 +23,10 @@ from metaham.errors import InvalidValueError
 
 _BACKBONES: dict[str, Callable[..., nn.Module]] = {}
 # name -> module that registers it; imported lazily so that importing the model stays cheap.
-_BUILTIN = {"gcn": "metaham.hamiltonian.gcn", "sparse_equivariant": "metaham.hamiltonian.equivariant"}
+_BUILTIN = {"gcn": "metaham.hamiltonian.gcn", "equivariant": "metaham.hamiltonian.equivariant"}
+# Former names -> current ones: still accepted, so that configs and checkpoints written before a rename load.
+# ``sparse_equivariant`` (until 2026-12-08) named gates that the backbone leaves off (docs/meta-learning.md).
+RENAMED = {"sparse_equivariant": "equivariant"}
 
 
 def register_backbone(name: str):
@@ -37,12 +40,18 @@ def register_backbone(name: str):
 
 
 def backbone_names() -> list[str]:
-    """Names of every available backbone, sorted."""
+    """Names of every available backbone, sorted (former names in :data:`RENAMED` are accepted too)."""
     return sorted(set(_BACKBONES) | set(_BUILTIN))
+
+
+def current_name(name: str) -> str:
+    """``name``, or the current name of a renamed backbone."""
+    return RENAMED.get(name, name)
 
 
 def build_backbone(name: str, hidden: int, layers: int, **options) -> nn.Module:
     """A fresh backbone; ``ValueError`` naming the known backbones for an unknown ``name``."""
+    name = current_name(name)
     if name not in _BACKBONES and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
     if name not in _BACKBONES:

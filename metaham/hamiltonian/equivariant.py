@@ -1,4 +1,4 @@
-"""``sparse_equivariant``: an E(3)-equivariant backbone on the shared sparse layers (:mod:`metaham.nn`).
+"""``equivariant``: an E(3)-equivariant backbone on the shared layers of :mod:`metaham.nn` (formerly ``sparse_equivariant``).
 
 The 2-D states are embedded in 3-D as ``(x, y, 0)``; e3nn's ``1o`` is plain Cartesian ``(x, y, z)`` with
 ``D(R) = R`` (see :mod:`metaham.nn.sh`), so the embedded vectors are ``1o`` features as they are. A rotation
@@ -36,13 +36,15 @@ squared norms of its ``1o`` channels, edge features
 exactly invariant under rotations and reflections of the embedded vectors and translations of ``q``; with
 ``external_field=True`` it is invariant when ``d`` is rotated along with the inputs (both tested).
 
-Sparsity: ``tp_sparsity`` (default 0, dense) is the tensor-product gate of the blocks. Dense is the default
-because these models are tiny (a few paths, a few particles) and there e3nn-style dense products are at
-least as fast as sparse ones (measured in the nn benchmark). With ``tp_sparsity > 0`` drive the phases with
-:class:`~metaham.nn.SparsityScheduler` (``metaham meta-train`` does, from ``train.sparsity``); in the random
-phase a ``vmap`` needs ``randomness="same"`` (MAML's and the pre-trained baseline's have it), and evaluation
-mode (``model.eval()``) uses the kept paths instead of a draw. The pair gate is not used: it cannot run under
-``vmap`` and there are few pairs anyway.
+Sparsity, and the name: until 2026-12-08 this backbone was called ``sparse_equivariant`` (still accepted), but
+its gates are off. ``tp_sparsity`` (default 0, dense) is the tensor-product gate of the blocks: these models
+are tiny (a few paths, a few particles), and there dense products are at least as fast as sparse ones. With
+``tp_sparsity > 0`` drive the phases with :class:`~metaham.nn.SparsityScheduler` (``metaham meta-train``
+does, from ``train.sparsity``); in the random phase a ``vmap`` needs ``randomness="same"`` (MAML's and the
+pre-trained baseline's have it), and evaluation mode (``model.eval()``) uses the kept paths instead of a draw.
+The pair gate is not offered at all, whatever the number of particles: it keeps the pairs whose learned score
+passes a quantile, so the kept set changes with the state, H jumps where a pair enters or leaves it and the
+vector field dH/dq is undefined there. A Hamiltonian must be smooth; a Hamiltonian *matrix* (QH9) need not be.
 
 Shapes: ``q, p`` ``(..., n, 2)``, ``edge_index`` ``(2, E)``; any leading axes (they are flattened into one
 graph batch internally), works under ``torch.func.grad`` (any order) and ``vmap``. All activations are smooth
@@ -65,8 +67,8 @@ from .graph import relative
 _EDGE_DISTANCE_FEATURES = 2  # r and 1/r, next to the Gaussian basis of r
 
 
-@register_backbone("sparse_equivariant")
-class SparseEquivariant(nn.Module):
+@register_backbone("equivariant")
+class Equivariant(nn.Module):
     """Equivariant message passing on 2-D states embedded in 3-D; see the module docstring.
 
     Args:
@@ -97,20 +99,20 @@ class SparseEquivariant(nn.Module):
         super().__init__()
         if hidden < 1 or layers < 0:
             raise ValueError(
-                f"sparse_equivariant backbone: need hidden >= 1 and layers >= 0, got hidden={hidden}, layers={layers}"
+                f"equivariant backbone: need hidden >= 1 and layers >= 0, got hidden={hidden}, layers={layers}"
             )
         vectors = max(1, hidden // 4) if vectors is None else vectors
         if vectors < 1:
-            raise ValueError(f"sparse_equivariant backbone: vectors must be >= 1, got {vectors}")
+            raise ValueError(f"equivariant backbone: vectors must be >= 1, got {vectors}")
         if directions is None:
             directions = 2 if external_field else 0
         if directions < 0 or (directions and not external_field):
             raise ValueError(
-                f"sparse_equivariant backbone: directions={directions} needs external_field=True "
+                f"equivariant backbone: directions={directions} needs external_field=True "
                 "(learned directions break rotation invariance on purpose)"
             )
         if not (math.isfinite(cutoff) and cutoff > 0):
-            raise ValueError(f"sparse_equivariant backbone: cutoff must be a finite number > 0, got {cutoff!r}")
+            raise ValueError(f"equivariant backbone: cutoff must be a finite number > 0, got {cutoff!r}")
         self.hidden = hidden
         self.external_field = bool(external_field)
         self.irreps_hidden = o3.Irreps(f"{hidden}x0e + {vectors}x1o")

@@ -6,7 +6,7 @@ Sanchez-Gonzalez et al. 2019 use for Hamiltonian graph networks), with residual 
 
 * node input ``[q_i, p_i]`` (4 numbers: the absolute state, so external fields such as pendulum gravity or the
   Henon-Heiles potential are representable; the price is that this backbone is not translation or rotation
-  invariant, which the ``sparse_equivariant`` backbone is);
+  invariant, which the ``equivariant`` backbone is);
 * edge input for ``j -> i``: ``[q_i - q_j, p_i - p_j, |q_i - q_j|]`` (5 numbers; the distance makes central
   forces such as gravity easy to express);
 * each layer: edge update ``e_ij += MLP_e([h_j, h_i, e_ij])``, then node update

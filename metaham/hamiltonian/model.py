@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._layers import mish_mlp
-from .backbones import build_backbone
+from .backbones import build_backbone, current_name
 
 DIM = 2
 
@@ -39,7 +39,7 @@ class HamiltonianGNN(nn.Module):
 
     Args:
         backbone: registered backbone name (``metaham.hamiltonian.backbone_names()``); the default
-            ``sparse_equivariant`` is E(3)-invariant up to its symmetry-breaking inputs, ``gcn`` is the
+            ``equivariant`` is E(3)-invariant up to its symmetry-breaking inputs, ``gcn`` is the
             paper's (non-invariant) graph network and about 3x faster per MAML step (measured on single particles).
         hidden: feature width of the backbone and the read-out.
         layers: message-passing rounds of the backbone.
@@ -50,9 +50,10 @@ class HamiltonianGNN(nn.Module):
     """
 
     def __init__(
-        self, backbone: str = "sparse_equivariant", hidden: int = 64, layers: int = 2, **backbone_options
+        self, backbone: str = "equivariant", hidden: int = 64, layers: int = 2, **backbone_options
     ) -> None:
         super().__init__()
+        backbone = current_name(backbone)
         self.config = {"backbone": backbone, "hidden": hidden, "layers": layers, **backbone_options}
         self.backbone = build_backbone(backbone, hidden=hidden, layers=layers, **backbone_options)
         self.readout = nn.ModuleDict(

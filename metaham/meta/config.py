@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import torch
 
 from metaham.hamiltonian import HamiltonianGNN, backbone_names
+from metaham.hamiltonian.backbones import current_name
 from metaham.nn import SparseTensorProduct, SparsityScheduler
 from metaham.train import ConfigError, load_config
 from metaham.train.run import RunSpec
@@ -93,7 +94,7 @@ def validate_config(config: Mapping[str, Any], source: str = "config") -> None:
     resolve_split(config["split"], source)
     task_config(config)
     model = config["model"]
-    if model["backbone"] not in backbone_names():
+    if current_name(model["backbone"]) not in backbone_names():
         raise ConfigError(
             f"{source}: key 'model.backbone': unknown backbone {model['backbone']!r}; known: {', '.join(backbone_names())}"
         )

@@ -1,4 +1,4 @@
-"""The ``sparse_equivariant`` backbone: H is rotation/reflection/translation invariant without an external
+"""The ``equivariant`` backbone: H is rotation/reflection/translation invariant without an external
 field, equivariant with its learned directions rotated along, and the model's vector field, gradients and
 second-order MAML (vmap vs loop) work through it for 1, 2 and 3 particles."""
 import math
@@ -14,7 +14,7 @@ from tests.equivariance import assert_equivariant, default_dtype, equivariance_e
 
 def _model(external_field=True, **kw):
     return HamiltonianGNN(
-        backbone="sparse_equivariant", hidden=8, layers=2, vectors=4, external_field=external_field, **kw
+        backbone="equivariant", hidden=8, layers=2, vectors=4, external_field=external_field, **kw
     ).double()
 
 
@@ -146,6 +146,6 @@ def test_second_order_maml_vmap_matches_the_task_loop():
 
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="directions=2 needs external_field=True"):
-        HamiltonianGNN(backbone="sparse_equivariant", hidden=8, layers=1, external_field=False, directions=2)
+        HamiltonianGNN(backbone="equivariant", hidden=8, layers=1, external_field=False, directions=2)
     with pytest.raises(ValueError, match="vectors must be >= 1"):
-        HamiltonianGNN(backbone="sparse_equivariant", hidden=8, layers=1, vectors=0)
+        HamiltonianGNN(backbone="equivariant", hidden=8, layers=1, vectors=0)

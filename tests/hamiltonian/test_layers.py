@@ -1,5 +1,5 @@
 """The backbones' mish: equal to torch's, with derivatives of every order finite where torch's overflow, and
-the float32 NaN it caused in second-order MAML through the ``sparse_equivariant`` model (a fast particle)."""
+the float32 NaN it caused in second-order MAML through the ``equivariant`` model (a fast particle)."""
 import torch
 import torch.nn.functional as F
 from torch.func import grad, vmap
@@ -39,7 +39,7 @@ def _meta_gradient(dtype):
     # The reproducer: the float32 meta-loss of this exact model and state was NaN (torch's mish overflowed on
     # the pre-activation of the invariant |p|^2 ~ 168 in the third derivative).
     torch.manual_seed(derive_seed("init", 0))
-    model = HamiltonianGNN(backbone="sparse_equivariant", hidden=64, layers=2).to(dtype)
+    model = HamiltonianGNN(backbone="equivariant", hidden=64, layers=2).to(dtype)
     q = torch.tensor([[[-0.1498, 0.0]]], dtype=dtype)
     p = torch.tensor([[[12.9539, 0.0]]], dtype=dtype)
     data = (q, p, torch.zeros_like(q), torch.zeros_like(p))

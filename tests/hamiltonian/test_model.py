@@ -101,3 +101,17 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="unknown backbone 'nope'; known backbones: .*gcn"):
         HamiltonianGNN(backbone="nope")
     assert "gcn" in backbone_names()
+
+
+def test_the_former_name_of_a_renamed_backbone_builds_the_same_model():
+    """Configs and checkpoints written as ``sparse_equivariant`` (its name until 2026-12-08) still load."""
+    torch.manual_seed(0)
+    former = HamiltonianGNN(backbone="sparse_equivariant", hidden=8, layers=1)
+    torch.manual_seed(0)
+    current = HamiltonianGNN(backbone="equivariant", hidden=8, layers=1)
+    assert former.config == current.config == {"backbone": "equivariant", "hidden": 8, "layers": 1}
+    assert "sparse_equivariant" not in backbone_names()
+    former_state, current_state = former.state_dict(), current.state_dict()
+    assert list(former_state) == list(current_state)
+    for name, value in current_state.items():
+        torch.testing.assert_close(former_state[name], value, rtol=0, atol=0, msg=name)

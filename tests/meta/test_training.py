@@ -114,7 +114,7 @@ def test_meta_and_pretrained_share_initialisation_and_batches_but_not_the_object
     assert any(not torch.equal(meta[name], pre[name]) for name in init)
 
 
-SPARSE = ("model.backbone=sparse_equivariant", "model.options={tp_sparsity: 0.5}",
+SPARSE = ("model.backbone=equivariant", "model.options={tp_sparsity: 0.5}",
           "train.sparsity.random_steps=1", "train.sparsity.adaptive_steps=2")
 
 
@@ -138,7 +138,7 @@ def test_sparse_gates_go_through_their_phases_in_outer_steps_and_resume_exactly(
             assert 0 < int(kept.sum()) < len(kept)
             assert weights[kept].min() >= weights[~kept].max()
     # Dense gates need no schedule: nothing to drive, nothing saved.
-    training.train(_config("model.backbone=sparse_equivariant", "train.pretrain=false"), tmp_path / "dense",
+    training.train(_config("model.backbone=equivariant", "train.pretrain=false"), tmp_path / "dense",
                    progress=False)
     assert "sparsity" not in torch.load(tmp_path / "dense" / "meta.pt", weights_only=True)
 
@@ -164,6 +164,11 @@ def test_sparse_gates_go_through_their_phases_in_outer_steps_and_resume_exactly(
 def test_config_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         _config(override)
+
+
+def test_a_config_may_name_a_backbone_by_its_former_name():
+    config = _config("model.backbone=sparse_equivariant")
+    assert meta_config.build_model(config["model"]).config["backbone"] == "equivariant"
 
 
 def test_inline_split_and_missing_split(tmp_path):
