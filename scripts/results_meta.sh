@@ -9,7 +9,7 @@
 # finished ones; hyper-parameters come from the shipped configs only (nothing is tuned on the held-out system).
 #
 #   scripts/results_meta.sh [BACKBONE] [OUT_DIR]                  defaults: gcn runs/results_meta
-#   JOBS=2 TASKS=20 SHOTS=50 STEPS=50 scripts/results_meta.sh sparse_equivariant
+#   JOBS=2 TASKS=20 SHOTS=50 STEPS=50 scripts/results_meta.sh equivariant
 #   SYSTEMS="pendulum" scripts/results_meta.sh gcn                 only some held-out systems
 #   UNSEEN="three_body" scripts/results_meta.sh gcn                only some unseen laws ("": none)
 #   SET="train.outer_steps=600" DOC=docs/results_meta_reduced.md scripts/results_meta.sh gcn runs/reduced
@@ -30,7 +30,7 @@ DOC=${DOC:-docs/results_meta.md}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 read -r -a SYSTEMS <<< "${SYSTEMS:-mass_spring pendulum henon_heiles magnetic_mirror}"
 # Laws no leave-one-out split trains on: a system name, or PLUGIN_FILE:NAME for a plugin.
-read -r -a UNSEEN <<< "${UNSEEN-three_body examples/duffing.py:duffing examples/morse_dimer.py:morse_dimer examples/penning_trap.py:penning_trap}"
+read -r -a UNSEEN <<< "${UNSEEN-three_body examples/coupled_quartic.py:coupled_quartic examples/duffing.py:duffing examples/morse_dimer.py:morse_dimer examples/penning_trap.py:penning_trap}"
 export OMP_NUM_THREADS=1
 
 overrides=(--set "model.backbone=$BACKBONE" --set threads=1)

@@ -23,6 +23,12 @@ from metaham.train.run import changed_keys  # noqa: E402
 SYSTEMS = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror")
 MODELS = ("meta", "pretrained", "random")
 IGNORED = {"model.backbone", "threads", "device"}  # what the results script sets on purpose
+DEFAULT_BACKBONE = load_meta_config(Path("configs") / "meta_train.yaml")["model"]["backbone"]
+
+
+def _backbone_order(name: str) -> tuple[bool, str]:
+    """The shipped configs' backbone first, then the others by name."""
+    return name != DEFAULT_BACKBONE, name
 PROTOCOL = {"shots": 50, "steps": 50, "tasks": 20}
 # How the shipped loss and learning rate were chosen (measured before these runs; see docs/meta-learning.md,
 # "Why log-cosh and inner lr 0.3").
@@ -84,7 +90,7 @@ def main() -> None:
 
 def _collect(root: Path) -> list[dict]:
     runs = []
-    for backbone_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for backbone_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _backbone_order(p.name)):
         for system in SYSTEMS:
             run_dir = backbone_dir / f"leave_{system}"
             if not (run_dir / "adapt.json").is_file():
@@ -122,7 +128,7 @@ def _fmt(x) -> str:
 
 
 def _markdown(runs: list[dict], args) -> str:
-    backbones = sorted({r["backbone"] for r in runs})
+    backbones = sorted({r["backbone"] for r in runs}, key=_backbone_order)
     first = runs[0]
     cfg = first["config"]
     steps = first["adapt"]["steps"]
@@ -315,8 +321,8 @@ def _unseen_section(runs: list[dict]) -> list[str]:
         "Each leave-one-out checkpoint above, adapted with the same protocol (K = "
         f"{first['shots']}, {first['steps']} steps, {first['tasks']} tasks) to laws that no split names: "
         + ", ".join(f"`{name}`" for name in laws)
-        + " (`three_body`: 3-body gravity, from the multi-particle split; `duffing`, `morse_dimer`: the plugin "
-        "systems of `examples/`).",
+        + " (`three_body`: 3-body gravity, from the multi-particle split; the others: the plugin systems of "
+        "`examples/`).",
         "",
         *([f"Not run: {', '.join(missing)}.", ""] if missing else []),
         ORDER_HEADER.format(what="law (checkpoint)"),
@@ -360,7 +366,7 @@ def _departures(runs: list[dict], args) -> str:
     if len(protocols) > 1:  # the Protocol section quotes the first run's; say which runs adapted otherwise
         odd = [f"{r['backbone']}/{r['system']}" for r in runs if r["adapt"]["protocol"] != runs[0]["adapt"]["protocol"]]
         notes.append(f"adaptation protocol differs from the one quoted below in {', '.join(odd)}")
-    missing = [_missing(args.root, b, s) for b in sorted({r["backbone"] for r in runs}) for s in SYSTEMS
+    missing = [_missing(args.root, b, s) for b in sorted({r["backbone"] for r in runs}, key=_backbone_order) for s in SYSTEMS
                if not any(r["backbone"] == b and r["system"] == s for r in runs)]
     if missing:
         notes.append("missing runs: " + ", ".join(missing))
