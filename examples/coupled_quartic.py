@@ -53,7 +53,8 @@ class CoupledQuartic(System):
         m, k = params["m"], params["k"]
         n = m.shape[0]
         energy = uniform(generator, (n,), 0.1, 1.0, torch.float64)
-        reach = torch.sqrt(2 * energy / k)[:, None, None].expand(n, 1, 2)  # V >= k |q|^2 / 2: the well is in this square
+        # V >= k |q|^2 / 2, so the well {V < E} lies in the square |x|, |y| <= sqrt(2 E / k).
+        reach = torch.sqrt(2 * energy / k)[:, None, None].expand(n, 1, 2)
         q = sample_in_well(lambda x: self.potential(x, params), energy, -reach, reach, generator)
         speed = torch.sqrt(2 * m * (energy - self.potential(q, params)).clamp_min(0))
         p = (speed[:, None] * random_direction(generator, n))[:, None, :]

@@ -366,7 +366,8 @@ def _departures(runs: list[dict], args) -> str:
     if len(protocols) > 1:  # the Protocol section quotes the first run's; say which runs adapted otherwise
         odd = [f"{r['backbone']}/{r['system']}" for r in runs if r["adapt"]["protocol"] != runs[0]["adapt"]["protocol"]]
         notes.append(f"adaptation protocol differs from the one quoted below in {', '.join(odd)}")
-    missing = [_missing(args.root, b, s) for b in sorted({r["backbone"] for r in runs}, key=_backbone_order) for s in SYSTEMS
+    backbones = sorted({r["backbone"] for r in runs}, key=_backbone_order)
+    missing = [_missing(args.root, b, s) for b in backbones for s in SYSTEMS
                if not any(r["backbone"] == b and r["system"] == s for r in runs)]
     if missing:
         notes.append("missing runs: " + ", ".join(missing))

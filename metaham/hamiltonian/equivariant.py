@@ -1,4 +1,4 @@
-"""``equivariant``: an E(3)-equivariant backbone on the shared layers of :mod:`metaham.nn` (formerly ``sparse_equivariant``).
+"""``equivariant`` (formerly ``sparse_equivariant``): an E(3)-equivariant backbone on the layers of :mod:`metaham.nn`.
 
 The 2-D states are embedded in 3-D as ``(x, y, 0)``; e3nn's ``1o`` is plain Cartesian ``(x, y, z)`` with
 ``D(R) = R`` (see :mod:`metaham.nn.sh`), so the embedded vectors are ``1o`` features as they are. A rotation
