@@ -23,12 +23,7 @@ from metaham.train.run import changed_keys  # noqa: E402
 SYSTEMS = ("mass_spring", "pendulum", "henon_heiles", "magnetic_mirror")
 MODELS = ("meta", "pretrained", "random")
 IGNORED = {"model.backbone", "threads", "device"}  # what the results script sets on purpose
-DEFAULT_BACKBONE = load_meta_config(Path("configs") / "meta_train.yaml")["model"]["backbone"]
-
-
-def _backbone_order(name: str) -> tuple[bool, str]:
-    """The shipped configs' backbone first, then the others by name."""
-    return name != DEFAULT_BACKBONE, name
+DEFAULT_BACKBONE = load_meta_config(Path("configs") / "meta_train.yaml")["model"]["backbone"]  # listed first
 PROTOCOL = {"shots": 50, "steps": 50, "tasks": 20}
 # How the shipped loss and learning rate were chosen (measured before these runs; see docs/meta-learning.md,
 # "Why log-cosh and inner lr 0.3").
@@ -88,6 +83,15 @@ def main() -> None:
     print(f"wrote {args.out} ({len(runs)} runs)")
 
 
+def _backbone_order(name: str) -> tuple[bool, str]:
+    """The shipped configs' backbone first, then the others by name."""
+    return name != DEFAULT_BACKBONE, name
+
+
+def _backbones(runs: list[dict]) -> list[str]:
+    return sorted({r["backbone"] for r in runs}, key=_backbone_order)
+
+
 def _collect(root: Path) -> list[dict]:
     runs = []
     for backbone_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: _backbone_order(p.name)):
@@ -128,7 +132,7 @@ def _fmt(x) -> str:
 
 
 def _markdown(runs: list[dict], args) -> str:
-    backbones = sorted({r["backbone"] for r in runs}, key=_backbone_order)
+    backbones = _backbones(runs)
     first = runs[0]
     cfg = first["config"]
     steps = first["adapt"]["steps"]
@@ -366,8 +370,7 @@ def _departures(runs: list[dict], args) -> str:
     if len(protocols) > 1:  # the Protocol section quotes the first run's; say which runs adapted otherwise
         odd = [f"{r['backbone']}/{r['system']}" for r in runs if r["adapt"]["protocol"] != runs[0]["adapt"]["protocol"]]
         notes.append(f"adaptation protocol differs from the one quoted below in {', '.join(odd)}")
-    backbones = sorted({r["backbone"] for r in runs}, key=_backbone_order)
-    missing = [_missing(args.root, b, s) for b in backbones for s in SYSTEMS
+    missing = [_missing(args.root, b, s) for b in _backbones(runs) for s in SYSTEMS
                if not any(r["backbone"] == b and r["system"] == s for r in runs)]
     if missing:
         notes.append("missing runs: " + ", ".join(missing))
