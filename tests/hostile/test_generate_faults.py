@@ -28,6 +28,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> str:
+    """``pid``'s command line, or "" once it has exited (a short-lived child can end between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return ""
+
+
 def _alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -49,7 +57,7 @@ def test_workers_end_when_generate_is_killed(tmp_path):
         workers: list[int] = []
         while len(workers) < 2 and time.monotonic() < deadline:  # the spawn start-up imports pyscf
             time.sleep(0.2)
-            workers = [pid for pid in _children(parent.pid) if "spawn" in Path(f"/proc/{pid}/cmdline").read_text()]
+            workers = [pid for pid in _children(parent.pid) if "spawn" in _cmdline(pid)]
         assert len(workers) >= 2, "the pool did not start"
         time.sleep(1.0)
         parent.send_signal(signal.SIGKILL)
@@ -62,7 +70,10 @@ def test_workers_end_when_generate_is_killed(tmp_path):
         if parent.poll() is None:
             parent.kill()
         for pid in _children(parent.pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # ended meanwhile
+                pass
 
 
 @pytest.mark.parametrize(
